@@ -1,0 +1,5 @@
+import sys
+
+from resdeploy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""Error types shared by every stage. Free of torch so that serving can import it.
+
+The command line prints ``str(error)`` of a :class:`ResdeployError` as one line and exits
+non-zero, so messages name the bad value and the fix.
+"""
+
+
+class ResdeployError(Exception):
+    """Base class of the errors a user can cause and fix."""
+
+
+class ConfigError(ResdeployError, ValueError):
+    """A bad option value (unknown architecture, out-of-range number, conflicting flags)."""
+
+
+class DatasetError(ResdeployError):
+    """A dataset that is missing, malformed or not of a known layout."""
+
+
+class CheckpointError(ResdeployError):
+    """A checkpoint that cannot be read or does not fit the requested network."""
+
+
+class PreprocessError(ResdeployError, ValueError):
+    """An image that cannot be decoded or preprocessed (corrupt, too large, bad mode)."""
