@@ -1,0 +1,54 @@
+"""``resdeploy`` command line: one entry point, one sub-command per pipeline job.
+
+Errors a user can fix print one line naming the bad value and the fix, and exit 2; Ctrl-C exits
+130. Library code logs through ``logging``; results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from resdeploy import __version__
+from resdeploy.errors import ResdeployError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (with the hint to --help), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training import cli as training_cli
+
+    parser = OneLineParser(prog="resdeploy", description="Trained ResNets to production: train, "
+                           "evaluate, export and compare residual networks.")
+    parser.add_argument("--version", action="version", version=f"resdeploy {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    training_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # one voice under torchrun
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr, force=True)
+    try:
+        return int(args.func(args) or 0)
+    except ResdeployError as e:
+        print(f"resdeploy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"resdeploy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
