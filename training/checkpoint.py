@@ -126,6 +126,13 @@ def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str) -> None:
     """``load_state_dict(strict=True)`` with an error that lists every kind of mismatch."""
     own = model.state_dict()
+    # Checkpoints saved before PyTorch 0.4.1 (torchvision's ImageNet .pth files among them) have
+    # no BatchNorm num_batches_tracked; load_state_dict(strict=True) accepts that and counts from
+    # 0, so do not report those buffers as missing (eval never reads them).
+    state_dict = dict(state_dict)
+    for k in own:
+        if k.endswith(".num_batches_tracked") and k not in state_dict:
+            state_dict[k] = torch.zeros_like(own[k])
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
     shapes = [(k, tuple(state_dict[k].shape), tuple(own[k].shape))

@@ -119,6 +119,8 @@ def cmd_train(args) -> int:
         print(f"resdeploy train: interrupted; {out}/last.pt holds the last complete epoch. Continue with: "
               f"resdeploy train --arch {args.arch} --dataset {args.dataset} --out {out} --resume", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     if summary:
         print(f"best test top-1 {summary['best_test_top1']:.2f}% at epoch {summary['best_epoch']}; "
               f"{summary['seconds_per_epoch']:.1f} s/epoch, {summary['images_per_s']:.0f} train img/s")

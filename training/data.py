@@ -138,8 +138,11 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return np.ascontiguousarray(data), np.asarray(batch[b"labels"], dtype=np.int64)
-    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        if labels.shape != (len(data),):
+            raise ValueError(f"{len(data)} images but labels of shape {labels.shape}")
+        return np.ascontiguousarray(data), labels
+    except (OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError, EOFError) as e:
         raise DatasetError(f"{path} is not a CIFAR-10 python batch: {e}") from e
 
 
@@ -150,7 +153,7 @@ def load_cifar10(root: Path) -> Dataset:
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     train = Split(y, images=x)
-    return Dataset("cifar10", CIFAR10_CLASSES, train, Split(y_test, images=x_test), small_preprocess(x))
+    return Dataset("cifar10", list(CIFAR10_CLASSES), train, Split(y_test, images=x_test), small_preprocess(x))
 
 
 def download_cifar10(data_root: Path) -> Path:
@@ -186,7 +189,8 @@ def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarr
 def load_image_folder(root: Path, input_size: int = 224) -> Dataset:
     """ImageFolder layout: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``."""
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    train_dir = root / "train"
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
     if not classes or test_dir is None:
         raise DatasetError(f"{root} is not an ImageFolder tree: expected train/<class>/ and val/<class>/ "
                            "(or test/<class>/) sub-folders with JPEG/PNG images")

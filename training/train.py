@@ -304,17 +304,18 @@ def _train(cfg: TrainConfig, d: _Dist, out: Path, last: Path) -> dict:
             improved = 100 - row["test_top1_error"] > best
             best = max(best, 100 - row["test_top1_error"])
             with _sigint_deferred():
-                _save(cfg, model, ds, pre, shortcut, epoch + 1, best, history, out, last, opt, plateau, improved)
+                _save(cfg, model, ds, pre, shortcut, epoch + 1, best, history, out, last, opt, plateau,
+                      improved, d.world)
             log.info("epoch %d/%d  lr %.4g  loss %.4f  train err %.2f%%  test err %.2f%% (top-5 %.2f%%)  "
                      "%.1f s  %.0f img/s%s", epoch + 1, cfg.epochs, row["lr"], row["train_loss"],
                      row["train_top1_error"], row["test_top1_error"], row["test_top5_error"], seconds,
                      row["images_per_s"], "  *best" if improved else "")
-    return _summary(cfg, ds, history, best) if history else {}
+    return _summary(cfg, ds, history, best, d.world) if history else {}
 
 
-def _summary(cfg: TrainConfig, ds: Dataset, history: list[dict], best: float) -> dict:
+def _summary(cfg: TrainConfig, ds: Dataset, history: list[dict], best: float, world: int) -> dict:
     best_row = min(history, key=lambda h: h["test_top1_error"])
-    return {"arch": cfg.arch, "dataset": ds.name, "epochs": history,
+    return {"arch": cfg.arch, "dataset": ds.name, "world_size": world, "epochs": history,
             "best_epoch": best_row["epoch"], "best_test_top1": round(best, 4),
             "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 3),
             "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1)}
@@ -336,7 +337,7 @@ def _sigint_deferred():
             raise KeyboardInterrupt
 
 
-def _save(cfg, model, ds, pre, shortcut, epoch, best, history, out, last, opt, plateau, improved) -> None:
+def _save(cfg, model, ds, pre, shortcut, epoch, best, history, out, last, opt, plateau, improved, world) -> None:
     state = {"format": FORMAT, "arch": cfg.arch, "shortcut": shortcut, "num_classes": len(ds.classes),
              "classes": list(ds.classes), "preprocess": pre.to_dict(), "dataset": ds.name,
              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -345,7 +346,7 @@ def _save(cfg, model, ds, pre, shortcut, epoch, best, history, out, last, opt, p
         save_atomic(state, out / "best.pt")
     save_atomic(state | {"optimizer": opt.state_dict(),
                          "scheduler": plateau.state_dict() if plateau is not None else None}, last)
-    summary = _summary(cfg, ds, history, best)
+    summary = _summary(cfg, ds, history, best, world)
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "metrics.json")

@@ -1,0 +1,34 @@
+# One entry point per job. `make demo` and `make test` are the README's quickstart.
+PY    ?= python3
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+RUN   ?= runs/digits
+EPOCHS ?= 10
+
+.PHONY: setup demo train eval test test-all models clean
+
+setup: $(VENV)/.installed                ## create .venv with the CPU stack and test tools
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: setup                              ## train (if needed) and evaluate the default digits ResNet-20
+	@echo "== main job (until the serving stage lands): train + evaluate ResNet-20 on the embedded digits"
+	@if [ -f $(RUN)/best.pt ]; then echo "== $(RUN)/best.pt exists; skipping training (make clean to retrain)"; \
+	else $(BIN)/resdeploy train --arch resnet20 --dataset digits --epochs $(EPOCHS) --out $(RUN); fi
+	$(BIN)/resdeploy eval $(RUN)/best.pt --dataset digits --tta center --json $(RUN)/eval-center.json
+	$(BIN)/resdeploy eval $(RUN)/best.pt --dataset digits --tta ten_crop --json $(RUN)/eval-ten_crop.json
+
+models: setup                            ## list architectures, parameters, GFLOPs
+	$(BIN)/resdeploy models
+
+test: setup                              ## the default test suite (what CI runs)
+	$(BIN)/pytest
+
+test-all: setup                          ## also the slow tests
+	$(BIN)/pytest -m "slow or not slow"
+
+clean:
+	rm -rf runs/digits .pytest_cache
