@@ -85,7 +85,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero-init-residual", action="store_true", help="zero the last BN of each residual block")
     p.add_argument("--augment", choices=AUGMENTS, default="auto",
                    help="auto: the dataset's default (digits: flip), else cifar (pad-crop-flip) for "
-                   "inputs <= 64px and imagenet (scale + colour) above")
+                   "in-memory data (CIFAR) and imagenet (scale + colour) for image folders")
     p.add_argument("--input-size", type=_positive(int), default=224, help="network input for file datasets")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes for file datasets")
     p.add_argument("--seed", type=int, default=0)

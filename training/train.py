@@ -210,7 +210,7 @@ def _train(cfg: TrainConfig, d: _Dist, out: Path, last: Path) -> dict:
         ds.train = ds.train.subset(cfg.limit)
     pre = ds.preprocess
     if cfg.augment == "auto":
-        cfg.augment = ds.train_defaults.get("augment", "cifar" if pre.crop <= 64 else "imagenet")
+        cfg.augment = ds.train_defaults.get("augment", "cifar" if ds.in_memory else "imagenet")
     if cfg.batch_size is None:
         cfg.batch_size = ds.train_defaults.get("batch_size", 128)
     aug = cfg.augment
