@@ -6,11 +6,10 @@ back through the real code; networks are small (ResNet-20/32, one ResNet-18 on a
 
 from __future__ import annotations
 
-import os
 import pickle
-import shlex
 
 import pytest
+from payloads import CreatesMarker, RunsShell
 import torch
 from torch import nn
 
@@ -232,24 +231,6 @@ def test_restore_without_recorded_preprocess_or_classes_gives_none(tmp_path):
 
 
 # --- reading safely ----------------------------------------------------------------------------
-
-class CreatesMarker:
-    """Unpickling this opens (and so creates) a file: a stand-in for arbitrary code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-class RunsShell:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(self.marker)}",))
-
 
 class PlainObject:
     """No side effect, but not a tensor container either."""

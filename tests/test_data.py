@@ -6,13 +6,12 @@ array and a label list); ImageFolder trees hold real PNG/JPEG files written by P
 
 from __future__ import annotations
 
-import os
 import pickle
-import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
+from payloads import CreatesMarker, RunsShell
 from PIL import Image
 
 from resdeploy.errors import DatasetError
@@ -161,22 +160,6 @@ def test_cifar_numpy1_pickles_load(tmp_path):
         assert b"cnumpy._core.multiarray\n_reconstruct\n" in raw
         f.write_bytes(raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
     check_cifar(load_dataset(str(root)), batches)
-
-
-class CreatesMarker:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-class RunsShell:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
 @pytest.mark.parametrize("payload", [CreatesMarker, RunsShell])
