@@ -244,6 +244,8 @@ def _train(cfg: TrainConfig, d: _Dist, out: Path, last: Path) -> dict:
             log.info("resuming %s from epoch %d of %d", last, start, cfg.epochs)
     net = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
     amp = cfg.amp if cfg.amp is not None else d.device.type == "cuda"
+    # fp16 + loss scaling on CUDA; bf16 (no scaling needed) if --amp is forced on CPU.
+    amp_dtype = torch.float16 if d.device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and d.device.type == "cuda")
     if ds.in_memory:
         data = (torch.from_numpy(ds.train.images).to(d.device), torch.from_numpy(ds.train.labels).to(d.device))
@@ -276,7 +278,7 @@ def _train(cfg: TrainConfig, d: _Dist, out: Path, last: Path) -> dict:
         bar = tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", leave=False,
                    total=len(ds.train), disable=not (progress and d.main))
         for x, y in _batches(ds, cfg, d, epoch, aug, pre, data):
-            with torch.autocast(d.device.type, dtype=torch.float16, enabled=amp):
+            with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp):
                 logits = net(x)
                 loss = loss_fn(logits, y)
             opt.zero_grad(set_to_none=True)
