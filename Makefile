@@ -5,7 +5,7 @@ BIN   := $(VENV)/bin
 RUN   ?= runs/digits
 EPOCHS ?= 10
 
-.PHONY: setup demo train eval test test-all models clean
+.PHONY: setup demo test test-all models export gpu-check clean
 
 setup: $(VENV)/.installed                ## create .venv with the CPU stack and test tools
 
@@ -20,6 +20,14 @@ demo: setup                              ## train (if needed) and evaluate the d
 	else $(BIN)/resdeploy train --arch resnet20 --dataset digits --epochs $(EPOCHS) --out $(RUN); fi
 	$(BIN)/resdeploy eval $(RUN)/best.pt --dataset digits --tta center --json $(RUN)/eval-center.json
 	$(BIN)/resdeploy eval $(RUN)/best.pt --dataset digits --tta ten_crop --json $(RUN)/eval-ten_crop.json
+
+ARTIFACTS ?= artifacts/digits
+
+export: demo                             ## export the digits model: fp32, fp16, int8, int8-cpu behind the accuracy gate
+	$(BIN)/resdeploy export $(RUN)/best.pt --out $(ARTIFACTS) --calib-data digits
+
+gpu-check:                               ## on a GPU host with '.[gpu]': TensorRT vs ONNX Runtime on ARTIFACTS
+	$(BIN)/python -m export.gpu_check $(ARTIFACTS)
 
 models: setup                            ## list architectures, parameters, GFLOPs
 	$(BIN)/resdeploy models

@@ -23,6 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from export import cli as export_cli
     from training import cli as training_cli
 
     parser = OneLineParser(prog="resdeploy", description="Trained ResNets to production: train, "
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     training_cli.register(sub)
+    export_cli.register(sub)
     return parser
 
 
@@ -38,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; returns the process exit status."""
     args = build_parser().parse_args(argv)
     quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # one voice under torchrun
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr, force=True)
+    # Libraries (onnxscript, onnxruntime, bentoml) stay at WARNING; our stages talk at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    for name in ("resdeploy", "training", "export", "serving"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except ResdeployError as e:

@@ -23,3 +23,19 @@ class CheckpointError(ResdeployError):
 
 class PreprocessError(ResdeployError, ValueError):
     """An image that cannot be decoded or preprocessed (corrupt, too large, bad mode)."""
+
+
+class ExportError(ResdeployError):
+    """An export step failed (ONNX export, conversion, quantization, engine build)."""
+
+
+class ArtifactError(ResdeployError):
+    """An artifact directory that is missing, malformed, tampered with or built for other hardware."""
+
+
+class BackendError(ResdeployError):
+    """An inference backend that is unavailable or was given input it cannot take."""
+
+
+class AccuracyGateError(ExportError):
+    """One or more artifacts fell outside their accuracy budget."""

@@ -19,6 +19,11 @@ SERVING_MODULES = [
     "resdeploy.errors",
     "serving",
     "serving.preprocess",
+    "serving.artifacts",
+    "serving.backends",
+    "serving.backends.base",
+    "serving.backends.onnxruntime",
+    "serving.backends.tensorrt",
 ]
 
 _SCRIPT = r"""

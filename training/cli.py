@@ -12,48 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from resdeploy.cliargs import add_preprocess_flags, arch, int_list, positive, resolve_preprocess
 from resdeploy.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def _arch(value: str) -> str:
-    from training.resnet import canonical_arch
-
-    try:
-        return canonical_arch(value)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _positive(kind):
-    def parse(value: str):
-        try:
-            v = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{value}' is not a {kind.__name__}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-        return v
-    return parse
-
-
-def _ints(value: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a comma-separated list of integers, e.g. 15,22") from None
-
-
-def _three_floats(value: str) -> tuple[float, float, float]:
-    try:
-        vals = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3:
-        raise argparse.ArgumentTypeError(f"'{value}' must be three comma-separated numbers (R,G,B in [0,1]), "
-                                         "e.g. 0.485,0.456,0.406")
-    return vals
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -70,27 +32,27 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from training.train import AUGMENTS, SCHEDULES
 
     _add_data_flags(p)
-    p.add_argument("--epochs", type=_positive(int), default=30)
-    p.add_argument("--batch-size", type=_positive(int), help="global, split across DDP ranks "
+    p.add_argument("--epochs", type=positive(int), default=30)
+    p.add_argument("--batch-size", type=positive(int), help="global, split across DDP ranks "
                    "(default: 128, the paper's; 32 for digits)")
-    p.add_argument("--lr", type=_positive(float), default=0.1)
+    p.add_argument("--lr", type=positive(float), default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--schedule", choices=SCHEDULES, default="step",
                    help="step: lr/10 at --milestones; plateau: lr/10 when test error stops improving")
-    p.add_argument("--milestones", type=_ints, default=[], help="epochs, e.g. 15,22 (default: 50%% and 75%%)")
-    p.add_argument("--plateau-patience", type=_positive(int), default=3)
+    p.add_argument("--milestones", type=int_list, default=[], help="epochs, e.g. 15,22 (default: 50%% and 75%%)")
+    p.add_argument("--plateau-patience", type=positive(int), default=3)
     p.add_argument("--warmup-epochs", type=int, default=0, help="epochs at lr/10 first (paper: ResNet-110)")
     p.add_argument("--shortcut", choices=("A", "B", "C"), help="default: A for CIFAR nets, B for ImageNet nets")
     p.add_argument("--zero-init-residual", action="store_true", help="zero the last BN of each residual block")
     p.add_argument("--augment", choices=AUGMENTS, default="auto",
                    help="auto: the dataset's default (digits: flip), else cifar (pad-crop-flip) for "
                    "in-memory data (CIFAR) and imagenet (scale + colour) for image folders")
-    p.add_argument("--input-size", type=_positive(int), default=224, help="network input for file datasets")
+    p.add_argument("--input-size", type=positive(int), default=224, help="network input for file datasets")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes for file datasets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    p.add_argument("--limit", type=_positive(int), help="train on the first N images only (smoke runs)")
+    p.add_argument("--limit", type=positive(int), help="train on the first N images only (smoke runs)")
     p.add_argument("--resume", action="store_true", help="continue OUT/last.pt from its last complete epoch")
 
 
@@ -132,7 +94,6 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from serving.preprocess import PreprocessConfig
     from training.checkpoint import restore_model
     from training.data import load_dataset
     from training.evaluate import evaluate
@@ -143,14 +104,7 @@ def cmd_eval(args) -> int:
     if r.num_classes != len(ds.classes):
         raise ConfigError(f"the checkpoint predicts {r.num_classes} classes but {ds.name} has "
                           f"{len(ds.classes)}; evaluate it on a dataset with the same classes")
-    base = r.preprocess
-    if base is None:
-        base = ds.preprocess
-        log.warning("%s records no preprocessing; using %s's default (%s). Pass --resize/--crop/--mean/--std "
-                    "to match how it was trained.", args.checkpoint, ds.name, base.to_dict())
-    flags = {"input_size": args.input_size, "resize": args.resize, "crop": args.crop,
-             "mean": args.mean, "std": args.std, "interpolation": args.interpolation}
-    pre = PreprocessConfig.from_dict(base.to_dict() | {k: v for k, v in flags.items() if v is not None})
+    pre = resolve_preprocess(r.preprocess, ds.preprocess, vars(args), args.checkpoint)
     split = ds.test.subset(args.limit) if args.limit else ds.test
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     res = evaluate(r.model.to(device), split, pre, args.tta, device, progress=args.progress is not False
@@ -181,30 +135,25 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a network (the paper's recipe by default)")
-    p.add_argument("--arch", type=_arch, required=True, help="e.g. resnet20, resnet50, plain20 (see `models`)")
+    p.add_argument("--arch", type=arch, required=True, help="e.g. resnet20, resnet50, plain20 (see `models`)")
     p.add_argument("--out", help="run directory (default: runs/ARCH-DATASET)")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint with centre, 10-crop or multi-scale testing")
     p.add_argument("checkpoint", help="a resdeploy checkpoint or an imported state_dict (.pt/.pth)")
-    p.add_argument("--arch", type=_arch, help="required for checkpoints that do not record it")
+    p.add_argument("--arch", type=arch, help="required for checkpoints that do not record it")
     p.add_argument("--tta", choices=("center", "ten_crop", "multiscale"), default="center")
     p.add_argument("--json", help="write {top1, top5, n, tta, ...} here")
-    p.add_argument("--num-classes", type=_positive(int), help="default: from the checkpoint")
+    p.add_argument("--num-classes", type=positive(int), help="default: from the checkpoint")
     p.add_argument("--shortcut", choices=("A", "B", "C"), help="default: from the checkpoint or the arch")
-    p.add_argument("--input-size", type=_positive(int), help="network input (imported checkpoints)")
-    p.add_argument("--resize", type=_positive(int), help="shorter side before cropping")
-    p.add_argument("--crop", type=_positive(int), help="centre/10-crop size")
-    p.add_argument("--mean", type=_three_floats, help="R,G,B in [0,1]")
-    p.add_argument("--std", type=_three_floats, help="R,G,B in [0,1]")
-    p.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"))
-    p.add_argument("--limit", type=_positive(int), help="evaluate the first N test images only")
+    add_preprocess_flags(p)
+    p.add_argument("--limit", type=positive(int), help="evaluate the first N test images only")
     _add_data_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="degradation experiment: plain nets vs their residual twins")
-    p.add_argument("--depths", type=_ints, default=[20], help="comma-separated, e.g. 20,56 (default 20)")
+    p.add_argument("--depths", type=int_list, default=[20], help="comma-separated, e.g. 20,56 (default 20)")
     p.add_argument("--out", default="runs/compare")
     _add_train_flags(p)
     p.set_defaults(func=cmd_compare, epochs=10)

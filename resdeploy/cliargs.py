@@ -1,0 +1,78 @@
+"""Argument types and flag groups shared by the sub-commands (torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from resdeploy.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def arch(value: str) -> str:
+    from training.resnet import canonical_arch
+
+    try:
+        return canonical_arch(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive(kind):
+    """An argparse type accepting only positive values of ``kind`` (int or float)."""
+    def parse(value: str):
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{value}' is not a {kind.__name__}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        return v
+    return parse
+
+
+def int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a comma-separated list of integers, e.g. 15,22") from None
+
+
+def three_floats(value: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"'{value}' must be three comma-separated numbers (R,G,B in [0,1]), "
+                                         "e.g. 0.485,0.456,0.406")
+    return vals
+
+
+def add_preprocess_flags(p: argparse.ArgumentParser) -> None:
+    """Preprocessing of imported checkpoints (ours record it; these override)."""
+    g = p.add_argument_group("preprocessing (imported checkpoints; overrides what the checkpoint records)")
+    g.add_argument("--input-size", type=positive(int), help="network input, e.g. 224")
+    g.add_argument("--resize", type=positive(int), help="shorter side before cropping, e.g. 256")
+    g.add_argument("--crop", type=positive(int), help="centre/10-crop size, e.g. 224")
+    g.add_argument("--mean", type=three_floats, help="R,G,B in [0,1], e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", type=three_floats, help="R,G,B in [0,1], e.g. 0.229,0.224,0.225")
+    g.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"))
+
+
+PREPROCESS_FLAGS = ("input_size", "resize", "crop", "mean", "std", "interpolation")
+
+
+def resolve_preprocess(recorded, fallback, flags: dict, source: str):
+    """The checkpoint's preprocessing (else ``fallback``, with a warning) overridden by ``flags``
+    (a dict that may hold any of :data:`PREPROCESS_FLAGS`; ``None`` values are ignored)."""
+    from serving.preprocess import PreprocessConfig
+
+    base = recorded
+    if base is None:
+        base = fallback
+        log.warning("%s records no preprocessing; using the dataset default %s. Pass --resize/--crop/--mean/"
+                    "--std to match how it was trained.", source, base.to_dict())
+    given = {k: flags[k] for k in PREPROCESS_FLAGS if flags.get(k) is not None}
+    return PreprocessConfig.from_dict(base.to_dict() | given)

@@ -1,0 +1,81 @@
+"""The one Backend interface every runtime implements."""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from resdeploy.errors import BackendError
+
+
+class Backend(abc.ABC):
+    """Runs a classifier on float32 NCHW batches and returns float32 logits.
+
+    Subclasses implement :meth:`_activate`, :meth:`_infer` and :meth:`_deactivate`; the public
+    methods check state and input so every backend rejects bad input the same way.
+
+    Attributes:
+        name: runtime name, e.g. ``"onnxruntime"``.
+        precision: ``fp32`` | ``fp16`` | ``int8`` | ``int8-cpu``.
+        input_shape: ``(None, 3, H, W)``; ``None`` marks the dynamic batch axis.
+        max_batch_size: largest batch accepted, or ``None`` for no limit.
+    """
+
+    name = "backend"
+
+    def __init__(self, precision: str, input_shape: tuple, max_batch_size: int | None = None):
+        self.precision = precision
+        self.input_shape = tuple(input_shape)
+        self.max_batch_size = max_batch_size
+        self.active = False
+
+    @abc.abstractmethod
+    def _activate(self) -> None:
+        """Load the model and allocate what inference needs."""
+
+    @abc.abstractmethod
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of one checked, contiguous float32 batch."""
+
+    @abc.abstractmethod
+    def _deactivate(self) -> None:
+        """Release sessions, engines and device memory."""
+
+    def activate(self) -> "Backend":
+        if not self.active:
+            self._activate()
+            self.active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.active:
+            self._deactivate()
+            self.active = False
+
+    def __enter__(self) -> "Backend":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def check_input(self, batch: np.ndarray) -> np.ndarray:
+        """Validate dtype, rank, channel/spatial dims and batch size; return a contiguous array."""
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
+            raise BackendError(f"{self.name} takes a float32 numpy array, got "
+                               f"{getattr(batch, 'dtype', type(batch).__name__)}")
+        if batch.ndim != 4 or any(e is not None and e != g for e, g in zip(self.input_shape[1:], batch.shape[1:])):
+            raise BackendError(f"{self.name} expects input of shape {self.input_shape}, got {batch.shape}")
+        if batch.shape[0] < 1 or (self.max_batch_size and batch.shape[0] > self.max_batch_size):
+            raise BackendError(f"batch of {batch.shape[0]} is outside 1..{self.max_batch_size} for {self.name}")
+        return np.ascontiguousarray(batch)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) float32 for a (N, 3, H, W) float32 batch."""
+        if not self.active:
+            raise BackendError(f"{self.name} backend is not active; use it as a context manager or call activate()")
+        return np.asarray(self._infer(self.check_input(batch)), dtype=np.float32)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "precision": self.precision, "input_shape": list(self.input_shape),
+                "max_batch_size": self.max_batch_size}

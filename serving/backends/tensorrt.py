@@ -1,0 +1,176 @@
+"""TensorRT backend: one deserialized engine, one execution context, pinned buffers, one stream.
+
+Imports nothing heavy at module import: ``tensorrt`` and ``pycuda.driver`` are imported in
+:meth:`TensorRTBackend.activate`, so this module loads on CPU hosts and without torch. The engine's
+stamp (TensorRT version, GPU name, compute capability) is checked against this host *before* the
+plan is deserialized: a plan from another TensorRT version or GPU is refused with the fix.
+
+Runtime API per NVIDIA's Python samples (samples/python/common_runtime.py): ``set_input_shape``,
+``set_tensor_address`` for every I/O tensor, ``execute_async_v3(stream_handle)``. CUDA through
+pycuda: the device's primary context is retained and pushed/popped around every use, since the
+calling thread (a BentoML worker thread, a test) need not be the one that activated the backend.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from export.tensorrt import INSTALL_HINT, check_engine_stamp
+from resdeploy.errors import ArtifactError, BackendError
+from serving.backends.base import Backend
+
+
+def _runtime():
+    """(tensorrt, pycuda.driver), or BackendError naming what to install."""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as e:
+        raise BackendError(f"the tensorrt backend needs TensorRT, which is not importable "
+                           f"({type(e).__name__}: {e}): {INSTALL_HINT}") from e
+    try:
+        import pycuda.driver
+    except (ImportError, OSError) as e:
+        raise BackendError(f"the tensorrt backend needs pycuda, which is not importable "
+                           f"({type(e).__name__}: {e}): {INSTALL_HINT}") from e
+    return tensorrt, pycuda.driver
+
+
+class TensorRTBackend(Backend):
+    """Runs one TensorRT engine built by :func:`export.tensorrt.build_engine`.
+
+    Args:
+        engine_path: the ``.plan`` file (hash-verified by the caller when it comes from a manifest).
+        precision: ``fp32`` | ``fp16`` | ``int8``: what the engine's ONNX computes in.
+        stamp: the dict ``build_engine`` returned (``tensorrt_version``, ``gpu_name``,
+            ``compute_capability``, ``input_size``, ``max_batch``, ...).
+        device_id: CUDA device (one GPU per serving worker).
+
+    Raises:
+        BackendError: missing file or a stamp without ``input_size``/``max_batch``.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | os.PathLike, precision: str, stamp: dict, device_id: int = 0):
+        self.engine_path = Path(engine_path)
+        if not self.engine_path.is_file():
+            raise BackendError(f"TensorRT engine not found: {self.engine_path}")
+        self.stamp, self.device_id = dict(stamp), int(device_id)
+        size, max_batch = self.stamp.get("input_size"), self.stamp.get("max_batch")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, max_batch)):
+            raise BackendError(f"engine stamp of {self.engine_path.name} lacks a positive input_size/max_batch "
+                               f"(got {size!r}/{max_batch!r}); rebuild it with `resdeploy export ... --trt`")
+        self._lock = threading.Lock()  # one execution context: one inference at a time
+        self._cuda = self._ctx = self._runtime = self._engine = self._context = None
+        self._stream = self._h_in = self._h_out = self._d_in = self._d_out = None
+        super().__init__(precision, (None, 3, size, size), max_batch)
+
+    def _activate(self) -> None:
+        trt, cuda = _runtime()
+        try:
+            cuda.init()
+            count = cuda.Device.count()
+        except Exception as e:
+            raise BackendError(f"CUDA is not usable here ({e}): {INSTALL_HINT}") from e
+        if not 0 <= self.device_id < count:
+            raise BackendError(f"CUDA device {self.device_id} does not exist ({count} visible)")
+        dev = cuda.Device(self.device_id)
+        major, minor = dev.compute_capability()
+        check_engine_stamp(self.stamp, trt.__version__, dev.name(), f"{major}.{minor}")
+        # The primary context is the one the CUDA runtime (TensorRT's builder, ONNX Runtime's CUDA EP)
+        # uses, so one worker holds one context per GPU (NVIDIA's samples prefer autoprimaryctx).
+        self._cuda, self._ctx = cuda, dev.retain_primary_context()
+        self._ctx.push()
+        try:
+            self._load(trt, cuda)
+        except BaseException:
+            self._free()
+            cuda.Context.pop()
+            self._ctx.detach()
+            self._ctx = None
+            raise
+        cuda.Context.pop()
+
+    def _load(self, trt, cuda) -> None:
+        """Deserialize, check I/O, allocate buffers for max_batch (context pushed)."""
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self._engine is None:
+            raise BackendError(f"TensorRT {trt.__version__} cannot deserialize {self.engine_path} "
+                               "(corrupt file, or built elsewhere); rebuild it with `resdeploy export ... --trt`")
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        ins = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outs = [n for n in names if n not in ins]
+        if len(ins) != 1 or len(outs) != 1:
+            raise BackendError(f"{self.engine_path.name} has inputs {ins} and outputs {outs}; expected one each")
+        self._in_name, self._out_name = ins[0], outs[0]
+        for n in names:
+            if np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) != np.float32:
+                raise BackendError(f"tensor {n!r} of {self.engine_path.name} is "
+                                   f"{self._engine.get_tensor_dtype(n)}, not float32 I/O")
+        profile_max = int(self._engine.get_tensor_profile_shape(self._in_name, 0)[2][0])
+        if profile_max != self.max_batch_size:
+            raise ArtifactError(f"{self.engine_path.name} accepts batches up to {profile_max} but its stamp "
+                                f"says {self.max_batch_size}: the manifest does not describe this engine")
+        classes = int(self._engine.get_tensor_shape(self._out_name)[1])
+        size = self.input_shape[2]
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BackendError(f"cannot create a TensorRT execution context for {self.engine_path.name} "
+                               "(out of GPU memory?)")
+        self._h_in = cuda.pagelocked_empty((profile_max, 3, size, size), np.float32)
+        self._h_out = cuda.pagelocked_empty((profile_max, classes), np.float32)
+        self._d_in, self._d_out = cuda.mem_alloc(self._h_in.nbytes), cuda.mem_alloc(self._h_out.nbytes)
+        self._stream = cuda.Stream()
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        n, cuda = batch.shape[0], self._cuda
+        with self._lock:
+            self._ctx.push()
+            try:
+                self._h_in[:n] = batch
+                ctx = self._context
+                if not ctx.set_input_shape(self._in_name, tuple(batch.shape)):
+                    raise BackendError(f"TensorRT rejected input shape {batch.shape}")
+                ctx.set_tensor_address(self._in_name, int(self._d_in))
+                ctx.set_tensor_address(self._out_name, int(self._d_out))
+                cuda.memcpy_htod_async(self._d_in, self._h_in[:n], self._stream)
+                if not ctx.execute_async_v3(self._stream.handle):
+                    raise BackendError(f"TensorRT execution failed for a batch of {n}")
+                cuda.memcpy_dtoh_async(self._h_out[:n], self._d_out, self._stream)
+                self._stream.synchronize()
+                return self._h_out[:n].copy()
+            finally:
+                cuda.Context.pop()
+
+    def _free(self) -> None:
+        """Drop device buffers and TensorRT objects, context before engine before runtime."""
+        for buf in (self._d_in, self._d_out):
+            if buf is not None:
+                buf.free()
+        for host in (self._h_in, self._h_out):
+            if host is not None and hasattr(host.base, "free"):
+                host.base.free()
+        self._d_in = self._d_out = self._h_in = self._h_out = self._stream = None
+        self._context = None
+        self._engine = None
+        self._runtime = None
+
+    def _deactivate(self) -> None:
+        with self._lock:
+            self._ctx.push()
+            try:
+                self._free()
+            finally:
+                self._cuda.Context.pop()
+                self._ctx.detach()
+                self._ctx = None
+
+    def describe(self) -> dict:
+        return super().describe() | {"file": self.engine_path.name, "device_id": self.device_id,
+                                     "tensorrt_version": self.stamp.get("tensorrt_version"),
+                                     "gpu_name": self.stamp.get("gpu_name")}

@@ -1,0 +1,243 @@
+"""Export: BN folding, ONNX parity, FP16/INT8 artifacts, the accuracy gate, atomic artifact dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import ROOT
+from export.fold import count_batchnorm, fold_batchnorm
+from export.onnx_export import batch_dim, export_fp32, op_counts
+from export.quantize import inspect_int8
+from resdeploy.cli import main
+from resdeploy.errors import ArtifactError
+from serving.artifacts import find_artifact, read_manifest, sha256_file, verify_file
+from serving.backends.onnxruntime import OnnxRuntimeBackend
+from training.checkpoint import restore_model
+from training.resnet import build_model
+
+PRECISIONS = ["fp32", "fp16", "int8", "int8-cpu"]
+
+
+@pytest.fixture(scope="session")
+def digits_artifacts(digits_run: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / "digits"
+    code = main(["export", str(digits_run / "best.pt"), "--arch", "resnet20", "--out", str(out),
+                 "--precisions", ",".join(PRECISIONS), "--calib-data", "digits", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def _parity(model, onnx_path: Path, size: int) -> float:
+    worst = 0.0
+    with OnnxRuntimeBackend(onnx_path, providers=["CPUExecutionProvider"]) as b:
+        for n in (1, 7):
+            x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
+            with torch.no_grad():
+                ref = model(x).numpy()
+            worst = max(worst, float(np.abs(b.infer(x.numpy()) - ref).max()))
+    return worst
+
+
+def test_digits_fp32_has_no_batchnorm_and_matches_pytorch(digits_run: Path, digits_artifacts: Path):
+    proto = onnx.load(str(digits_artifacts / "model.fp32.onnx"))
+    assert op_counts(proto).get("BatchNormalization", 0) == 0
+    assert isinstance(batch_dim(proto), str)  # symbolic
+    onnx.checker.check_model(proto, full_check=True)
+    model = restore_model(digits_run / "best.pt").model
+    assert _parity(model, digits_artifacts / "model.fp32.onnx", 32) <= 1e-4
+
+
+def test_random_init_resnet50_folds_and_matches_pytorch(tmp_path: Path):
+    torch.manual_seed(0)
+    model = build_model("resnet50")
+    # Realistic BN statistics (a fresh net's are mean 0 / var 1, which leaves activations unnormalised).
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 224, 224))
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert count_batchnorm(model) == 53 and count_batchnorm(folded) == 0
+    path = export_fp32(folded, tmp_path / "r50.onnx", 224)
+    assert op_counts(onnx.load(str(path))).get("BatchNormalization", 0) == 0
+    assert not list(tmp_path.glob("*.data"))  # self-contained: no external-data sidecar
+    assert _parity(model, path, 224) <= 1e-4
+
+
+def test_every_precision_loads_in_ort_cpu_and_is_within_budget(digits_artifacts: Path):
+    m = read_manifest(digits_artifacts)
+    assert [a["precision"] for a in m["artifacts"]] == PRECISIONS
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    for a in m["artifacts"]:
+        assert a["within_budget"], a
+        assert {"precision", "file", "sha256", "top1", "top5", "top1_agreement", "max_logit_diff"} <= a.keys()
+        with OnnxRuntimeBackend(verify_file(digits_artifacts, a), a["precision"],
+                                providers=["CPUExecutionProvider"]) as b:
+            assert b.infer(x).shape == (3, 10)
+    fp32 = find_artifact(m, "fp32")
+    assert fp32["top1_agreement"] >= 99.9 and fp32["max_logit_diff"] <= 1e-3
+    ref = m["eval"]["pytorch_fp32"]["top1"]
+    assert find_artifact(m, "fp16")["top1"] >= 0.995 * ref
+    assert find_artifact(m, "int8")["top1"] >= 0.99 * ref and find_artifact(m, "int8-cpu")["top1"] >= 0.99 * ref
+
+
+def test_fp16_computes_in_half_with_float_io(digits_artifacts: Path):
+    proto = onnx.load(str(digits_artifacts / "model.fp16.onnx"))
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert proto.graph.input[0].type.tensor_type.elem_type == f32
+    assert proto.graph.output[0].type.tensor_type.elem_type == f32
+    conv_weights = {n.input[1] for n in proto.graph.node if n.op_type == "Conv"}
+    assert conv_weights and all(i.data_type == f16 for i in proto.graph.initializer if i.name in conv_weights)
+
+
+def test_int8_is_the_tensorrt_form(digits_artifacts: Path):
+    facts = inspect_int8(digits_artifacts / "model.int8.onnx")
+    assert facts["conv_weights"] == 19 and facts["per_channel_axis0"] == 19
+    assert facts["nonzero_zero_points"] == 0 and facts["zero_point_types"] == ["int8"]
+    assert facts["adds"] == 9 and facts["adds_with_dq_inputs"] == 9  # Q/DQ on the residual input too
+    assert facts["quantized_bias"] == 0
+
+
+def test_int8_cpu_fuses_into_qlinearconv(digits_artifacts: Path, tmp_path: Path):
+    """ORT's CPU kernels only fuse the U8S8 form: every Conv must become a QLinearConv."""
+    facts = inspect_int8(digits_artifacts / "model.int8-cpu.onnx")
+    assert "uint8" in facts["zero_point_types"] and facts["per_channel_axis0"] == 19
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(digits_artifacts / "model.int8-cpu.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = op_counts(onnx.load(str(tmp_path / "opt.onnx")))
+    assert ops.get("QLinearConv", 0) == 19 and ops.get("Conv", 0) == 0, ops
+
+
+def test_manifest_hashes_match_and_tampering_is_caught(digits_artifacts: Path, tmp_path: Path):
+    m = read_manifest(digits_artifacts)
+    for entry in [*m["artifacts"], m["labels"], m["calibration"]]:
+        assert sha256_file(digits_artifacts / entry["file"]) == entry["sha256"]
+        assert (digits_artifacts / entry["file"]).stat().st_size == entry["bytes"]
+    assert json.loads((digits_artifacts / "labels.json").read_text()) == [str(i) for i in range(10)]
+    assert m["versions"]["onnxruntime"] == ort.__version__ and m["versions"]["tensorrt"] is None
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_artifacts, copy)
+    with open(copy / "model.int8-cpu.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ArtifactError, match="does not match the manifest"):
+        verify_file(copy, find_artifact(m, "int8-cpu"))
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    return {p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_export_leaves_previous_dir_intact(digits_run: Path, digits_artifacts: Path, tmp_path: Path):
+    out = tmp_path / "digits"
+    shutil.copytree(digits_artifacts, out)
+    before = _snapshot(out)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "resdeploy", "export", str(digits_run / "best.pt"), "--out", str(out),
+                             "--calib-data", "digits", "--calib-images", "64", "--calib-method", "percentile"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while not list(tmp_path.glob(".digits.tmp-*/model.fp32.onnx")) and proc.poll() is None:
+            assert time.monotonic() < end, "export never started writing"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # no .tmp-/.old- leftovers
+
+
+def test_reexport_reuses_calibration_and_replaces_dir(digits_run: Path, digits_artifacts: Path, tmp_path: Path, capsys):
+    out = tmp_path / "digits"
+    shutil.copytree(digits_artifacts, out)
+    old = read_manifest(out)
+    assert main(["export", str(digits_run / "best.pt"), "--out", str(out), "--precisions", "fp32,int8-cpu",
+                 "--calib-data", "digits", "--no-progress"]) == 0
+    assert "calibration tensors reused" in capsys.readouterr().err
+    new = read_manifest(out)
+    assert [a["precision"] for a in new["artifacts"]] == ["fp32", "int8-cpu"]
+    assert not (out / "model.fp16.onnx").exists()  # the directory was replaced, not merged
+    assert new["calibration"]["sha256"] == old["calibration"]["sha256"]
+
+
+def test_sabotaged_calibration_fails_the_gate(digits_run: Path, tmp_path: Path, capsys):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / "const" / split / "x").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(tmp_path / "const" / split / "x" / "grey.png")
+    out = tmp_path / "out"
+    code = main(["export", str(digits_run / "best.pt"), "--out", str(out), "--precisions", "fp32,int8-cpu",
+                 "--calib-data", str(tmp_path / "const"), "--eval-data", "digits", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "over accuracy budget: int8-cpu" in captured.err and "OVER BUDGET" in captured.out
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["const"]
+    # Accepting the drop installs it and says so in the manifest.
+    assert main(["export", str(digits_run / "best.pt"), "--out", str(out), "--precisions", "fp32,int8-cpu",
+                 "--calib-data", str(tmp_path / "const"), "--eval-data", "digits", "--accept-accuracy-drop",
+                 "--no-progress"]) == 0
+    m = read_manifest(out)
+    assert m["accepted_accuracy_drop"] and not find_artifact(m, "int8-cpu")["within_budget"]
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--precisions", "fp16,int8"], "must include fp32"),
+    (["--precisions", "fp32,bf16"], "unknown precision(s) 'bf16'"),
+    (["--calib-method", "kl"], "invalid choice: 'kl'"),
+    (["--eval-data", "/no/such/dir"], "dataset '/no/such/dir' not found"),
+    (["--labels", "/no/labels.json"], "--labels /no/labels.json not found"),
+])
+def test_export_bad_input_is_one_line(digits_run: Path, tmp_path: Path, capsys, extra, expect):
+    try:
+        code = main(["export", str(digits_run / "best.pt"), "--out", str(tmp_path / "o"), *extra])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and expect in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_int8_of_a_foreign_checkpoint_needs_calibration_data(digits_run: Path, tmp_path: Path, capsys):
+    from training.checkpoint import extract_state_dict, read_checkpoint
+
+    bare = tmp_path / "bare.pth"
+    torch.save(extract_state_dict(read_checkpoint(digits_run / "best.pt")), bare)
+    assert main(["export", str(bare), "--arch", "resnet20", "--out", str(tmp_path / "o")]) == 2
+    assert "need calibration images: pass --calib-data" in capsys.readouterr().err
+
+
+def test_trt_without_tensorrt_fails_fast(digits_run: Path, tmp_path: Path):
+    from export.tensorrt import tensorrt_status
+
+    usable, _ = tensorrt_status()
+    if usable:
+        pytest.skip("TensorRT and a GPU are present here; the fail-fast path does not apply")
+    from conftest import run_cli
+
+    t0 = time.monotonic()
+    r = run_cli("export", str(digits_run / "best.pt"), "--out", str(tmp_path / "o"), "--trt")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "pip install 'resdeploy[gpu]'" in r.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+    assert time.monotonic() - t0 < 60  # before any ONNX work (which alone takes seconds)

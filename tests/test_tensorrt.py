@@ -1,0 +1,521 @@
+"""TensorRT path: stamp checks, lazy imports and failure messages on CPU; real engines on a GPU.
+
+The CPU tests also drive ``build_engine`` and ``TensorRTBackend`` through a small fake of the
+``tensorrt`` and ``pycuda.driver`` modules (the API surface they call, nothing more): that checks our
+own logic (profile shapes, no precision flags, atomic writes, timing-cache reuse, buffer slicing,
+context push/pop balance), not TensorRT. The ``gpu`` tests build and run real engines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.tensorrt import (ENGINE_PRECISIONS, INSTALL_HINT, build_engine, check_engine_stamp,
+                             engine_file_name, require_tensorrt, tensorrt_status)
+from resdeploy.errors import ArtifactError, BackendError, ExportError
+from serving.backends.tensorrt import TensorRTBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+STAMP = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+         "max_batch": 16, "opt_batch": 10, "input_size": 32, "precision": "fp16"}
+
+
+def _no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+
+
+# ---------------------------------------------------------------- stamp checks (pure functions)
+
+def test_matching_stamp_is_accepted():
+    check_engine_stamp(STAMP, "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+@pytest.mark.parametrize("host, built, here", [
+    (("10.14.1.48", "NVIDIA H100 80GB HBM3", "9.0"), "10.13.0.35", "10.14.1.48"),
+    (("10.13.0.35", "NVIDIA H200", "9.0"), "NVIDIA H100 80GB HBM3", "NVIDIA H200"),
+    (("10.13.0.35", "NVIDIA H100 80GB HBM3", "8.9"), "compute capability 9.0", "compute capability 8.9"),
+])
+def test_mismatched_stamp_is_refused_naming_both_sides(host, built, here):
+    with pytest.raises(ArtifactError) as e:
+        check_engine_stamp(STAMP, *host)
+    msg = str(e.value)
+    assert built in msg and here in msg
+    assert "--trt" in msg and "Rebuild" in msg
+
+
+def test_stamp_without_fields_is_refused():
+    with pytest.raises(ArtifactError, match="unknown"):
+        check_engine_stamp({}, "10.13.0.35", "NVIDIA H200", "9.0")
+
+
+# ---------------------------------------------------------------- without tensorrt
+
+def test_status_and_require_explain_how_to_install(monkeypatch):
+    _no_tensorrt(monkeypatch)
+    usable, reason = tensorrt_status()
+    assert not usable and INSTALL_HINT in reason
+    with pytest.raises(ExportError, match=r"pip install 'resdeploy\[gpu\]'"):
+        require_tensorrt()
+
+
+def test_build_engine_refuses_int8_cpu_before_touching_tensorrt(monkeypatch, tmp_path):
+    _no_tensorrt(monkeypatch)  # the refusal must not depend on TensorRT being importable
+    with pytest.raises(ExportError, match="int8-cpu.*ONNX Runtime.*'int8'"):
+        build_engine(tmp_path / "missing.onnx", tmp_path / "e.plan", precision="int8-cpu", input_size=32,
+                     max_batch=8)
+    with pytest.raises(ExportError, match="int8-cpu"):
+        engine_file_name("int8-cpu")
+    assert [engine_file_name(p) for p in ENGINE_PRECISIONS] == ["model.fp32.plan", "model.fp16.plan",
+                                                                 "model.int8.plan"]
+
+
+def test_build_engine_rejects_bad_batches(tmp_path):
+    with pytest.raises(ExportError, match="opt_batch 20 exceeds max_batch 8"):
+        build_engine(tmp_path / "m.onnx", tmp_path / "e.plan", precision="fp16", input_size=32, max_batch=8,
+                     opt_batch=20)
+
+
+def test_backend_constructs_without_tensorrt_and_activate_says_what_to_install(monkeypatch, tmp_path):
+    _no_tensorrt(monkeypatch)
+    plan = tmp_path / "model.fp16.plan"
+    plan.write_bytes(b"not an engine")
+    backend = TensorRTBackend(plan, "fp16", STAMP)
+    assert backend.input_shape == (None, 3, 32, 32) and backend.max_batch_size == 16
+    with pytest.raises(BackendError, match=r"TensorRT.*pip install 'resdeploy\[gpu\]'.*pycuda"):
+        backend.activate()
+    assert not backend.active
+    with pytest.raises(BackendError, match="not active"):
+        backend.infer(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_backend_rejects_missing_file_and_incomplete_stamp(tmp_path):
+    with pytest.raises(BackendError, match="not found"):
+        TensorRTBackend(tmp_path / "nope.plan", "fp16", STAMP)
+    plan = tmp_path / "e.plan"
+    plan.write_bytes(b"x")
+    with pytest.raises(BackendError, match="input_size/max_batch"):
+        TensorRTBackend(plan, "fp16", {"tensorrt_version": "10.13.0.35"})
+
+
+def test_tensorrt_modules_import_without_torch_or_tensorrt(tmp_path):
+    plan = tmp_path / "e.plan"
+    plan.write_bytes(b"x")
+    script = (f"import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None\n"
+              f"import serving.backends.tensorrt as m, export.tensorrt\n"
+              f"b = m.TensorRTBackend({str(plan)!r}, 'int8', {STAMP!r})\n"
+              f"print(b.describe()['backend'])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "tensorrt"
+
+
+def test_gpu_check_exits_2_with_one_line_without_tensorrt_or_directory():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "export.gpu_check", "/nonexistent"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check:"), proc.stderr
+    assert proc.stdout == ""
+
+
+def test_gpu_check_rejects_int8_cpu(capsys):
+    from export.gpu_check import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["/nonexistent", "--precisions", "fp16,int8-cpu"])
+    assert e.value.code == 2
+    assert "int8-cpu" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- fake tensorrt + pycuda (our logic)
+
+class _Obj:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _fake_modules(log: dict):
+    """Minimal stand-ins for tensorrt and pycuda.driver; 'device memory' is a dict of numpy arrays."""
+    mem, ctx_stack = {}, []
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99.0"
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, sev=None: None})
+    trt.NetworkDefinitionCreationFlag = _Obj(STRONGLY_TYPED=0)
+    trt.MemoryPoolType = _Obj(WORKSPACE=0)
+    trt.BuilderFlag = _Obj(TF32=6)  # no FP16/INT8: TensorRT 11 removed them; touching one fails
+    trt.TensorIOMode = _Obj(INPUT=1, OUTPUT=2)
+    trt.nptype = lambda dt: np.float32
+
+    class Cache:
+        def __init__(self, blob):
+            self.blob = bytes(blob)
+
+        def serialize(self):
+            return self.blob + b"+"
+
+    class Config:
+        def __init__(self):
+            self.flags, self.profiles, self.cache = {6: True}, [], None
+
+        def set_memory_pool_limit(self, pool, size):
+            log["workspace"] = size
+
+        def clear_flag(self, f):
+            self.flags[f] = False
+
+        def get_flag(self, f):
+            return self.flags.get(f, False)
+
+        def add_optimization_profile(self, p):
+            self.profiles.append(p)
+
+        def create_timing_cache(self, blob):
+            return Cache(blob)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Network:
+        num_inputs = num_outputs = 1
+
+        def get_input(self, i):
+            return _Obj(name="input", shape=(-1, 3, log["size"], log["size"]))
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.errors = []
+
+        def parse(self, data, path=None):
+            if data.startswith(b"bad"):
+                self.errors = ["node 3 (Conv): unsupported", "node 7 (Add): bad type"]
+            return not self.errors
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            log["network_flags"] = flags
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return _Obj(set_shape=lambda name, mn, opt, mx: log.update(profile=(name, mn, opt, mx)))
+
+        def build_serialized_network(self, network, config):
+            log["flags"] = dict(config.flags)
+            name, mn, opt, mx = log["profile"]
+            return json.dumps({"max": mx[0], "size": mx[2], "classes": 10}).encode()
+
+    class Context:
+        def __init__(self):
+            self.addr, self.shape = {}, None
+
+        def set_input_shape(self, name, shape):
+            self.shape = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = ptr
+
+        def execute_async_v3(self, stream_handle):
+            n = self.shape[0]
+            x = mem[self.addr["input"]].view(np.float32)[:int(np.prod(self.shape))].reshape(self.shape)
+            logits = np.repeat(x.reshape(n, 3, -1).mean(-1), 4, axis=1)[:, :10]
+            mem[self.addr["logits"]].view(np.float32)[:logits.size] = logits.ravel()
+            log["pushed_while_running"] = len(ctx_stack)
+            return True
+
+    class Engine:
+        def __init__(self, spec):
+            self.spec, self.num_io_tensors = spec, 2
+
+        def get_tensor_name(self, i):
+            return ["input", "logits"][i]
+
+        def get_tensor_mode(self, name):
+            return trt.TensorIOMode.INPUT if name == "input" else trt.TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return "float32"
+
+        def get_tensor_profile_shape(self, name, profile):
+            s = self.spec["size"]
+            return [(1, 3, s, s), (1, 3, s, s), (self.spec["max"], 3, s, s)]
+
+        def get_tensor_shape(self, name):
+            return (-1, self.spec["classes"])
+
+        def create_execution_context(self):
+            return Context()
+
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    trt.Runtime = lambda logger: _Obj(deserialize_cuda_engine=lambda b: Engine(json.loads(bytes(b))))
+
+    class Alloc:
+        def __init__(self, nbytes):
+            mem[id(self)] = np.zeros(nbytes, np.uint8)
+
+        def __int__(self):
+            return id(self)
+
+        def free(self):
+            log["freed"] = log.get("freed", 0) + 1
+
+    class Ctx:
+        def push(self):
+            ctx_stack.append(self)
+
+        def detach(self):
+            log["detached"] = True
+
+    class Device:
+        def __init__(self, i):
+            pass
+
+        count = staticmethod(lambda: 1)
+        name = lambda self: "Fake GPU"  # noqa: E731
+        compute_capability = lambda self: (9, 0)  # noqa: E731
+        retain_primary_context = lambda self: Ctx()  # noqa: E731
+
+    def htod(dst, src, stream):
+        mem[int(dst)][:src.nbytes] = np.frombuffer(np.ascontiguousarray(src).tobytes(), np.uint8)
+
+    def dtoh(dst, src, stream):
+        dst[...] = mem[int(src)][:dst.nbytes].view(dst.dtype).reshape(dst.shape)
+
+    cuda = types.ModuleType("pycuda.driver")
+    cuda.init, cuda.Device, cuda.mem_alloc, cuda.pagelocked_empty = (lambda: None), Device, Alloc, np.empty
+    cuda.Context = _Obj(pop=lambda: ctx_stack.pop())
+    cuda.Stream = lambda: _Obj(handle=7, synchronize=lambda: None)
+    cuda.memcpy_htod_async, cuda.memcpy_dtoh_async = htod, dtoh
+    pkg = types.ModuleType("pycuda")
+    pkg.driver = cuda
+    return {"tensorrt": trt, "pycuda": pkg, "pycuda.driver": cuda}, ctx_stack
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    log = {"size": 32}
+    modules, ctx_stack = _fake_modules(log)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    log["ctx_stack"] = ctx_stack
+    return log
+
+
+def test_build_with_fake_tensorrt(fake_gpu, tmp_path, caplog):
+    onnx = tmp_path / "model.fp16.onnx"
+    onnx.write_bytes(b"onnx")
+    cache = tmp_path / "timing.cache"
+    stamp = build_engine(onnx, tmp_path / "model.fp16.plan", precision="fp16", input_size=32, max_batch=40,
+                         workspace_gib=0.5, timing_cache=cache)
+    assert fake_gpu["network_flags"] == 1 << 0  # STRONGLY_TYPED
+    assert fake_gpu["profile"] == ("input", (1, 3, 32, 32), (10, 3, 32, 32), (40, 3, 32, 32))
+    assert fake_gpu["workspace"] == 1 << 29
+    assert fake_gpu["flags"] == {6: True}  # no precision flag; TF32 left alone for fp16
+    assert {k: stamp[k] for k in ("tensorrt_version", "gpu_name", "compute_capability", "max_batch",
+                                  "opt_batch", "input_size", "precision", "tf32")} == {
+        "tensorrt_version": "10.99.0", "gpu_name": "Fake GPU", "compute_capability": "9.0", "max_batch": 40,
+        "opt_batch": 10, "input_size": 32, "precision": "fp16", "tf32": True}
+    assert stamp["bytes"] == (tmp_path / "model.fp16.plan").stat().st_size > 0
+    assert cache.read_bytes() == b"+"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    with caplog.at_level(logging.INFO, logger="export.tensorrt"):
+        stamp = build_engine(onnx, tmp_path / "model.fp32.plan", precision="fp32", input_size=32, max_batch=4,
+                             timing_cache=cache)
+    assert "reusing timing cache" in caplog.text and cache.read_bytes() == b"++"
+    assert stamp["opt_batch"] == 4 and stamp["tf32"] is False and fake_gpu["flags"] == {6: False}
+
+
+def test_build_reports_every_parser_error_and_wrong_input(fake_gpu, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"bad")
+    with pytest.raises(ExportError, match=r"2 errors.*node 3 \(Conv\).*node 7 \(Add\)"):
+        build_engine(bad, tmp_path / "e.plan", precision="fp32", input_size=32, max_batch=4)
+    assert not (tmp_path / "e.plan").exists()
+    ok = tmp_path / "ok.onnx"
+    ok.write_bytes(b"onnx")
+    with pytest.raises(ExportError, match=r"not \[batch, 3, 224, 224\]"):
+        build_engine(ok, tmp_path / "e.plan", precision="fp32", input_size=224, max_batch=4)
+
+
+def test_backend_with_fake_runtime(fake_gpu, tmp_path):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    plan = tmp_path / "model.int8.plan"
+    stamp = build_engine(onnx, plan, precision="int8", input_size=32, max_batch=12)
+    rng = np.random.default_rng(0)
+    with TensorRTBackend(plan, "int8", stamp) as backend:
+        assert fake_gpu["ctx_stack"] == []  # activation leaves the thread's context stack as it found it
+        for n in (1, 7, 12):
+            x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+            out = backend.infer(x)
+            want = np.repeat(x.reshape(n, 3, -1).mean(-1), 4, axis=1)[:, :10]
+            np.testing.assert_allclose(out, want, rtol=1e-6)
+            assert out.shape == (n, 10) and out.base is None  # a copy, not a view of the pinned buffer
+        assert fake_gpu["pushed_while_running"] == 1 and fake_gpu["ctx_stack"] == []
+        with pytest.raises(BackendError, match="outside 1..12"):
+            backend.infer(np.zeros((13, 3, 32, 32), np.float32))
+    assert fake_gpu["detached"] and fake_gpu["freed"] == 2 and fake_gpu["ctx_stack"] == []
+
+    with pytest.raises(ArtifactError, match=r"Other GPU.*\(engine\) vs Fake GPU.*\(this host\)"):
+        TensorRTBackend(plan, "int8", stamp | {"gpu_name": "Other GPU"}).activate()
+    with pytest.raises(ArtifactError, match="accepts batches up to 12 but its stamp says 16"):
+        TensorRTBackend(plan, "int8", stamp | {"max_batch": 16}).activate()
+    assert fake_gpu["ctx_stack"] == []
+
+
+# ---------------------------------------------------------------- real TensorRT on a GPU
+
+_USABLE, _REASON = tensorrt_status()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> dict:
+    """ResNet-20 (random weights, seeded) as fp32 and fp16 ONNX with input 32."""
+    if not _USABLE:
+        pytest.skip(_REASON)
+    import torch
+
+    from export.fold import fold_batchnorm
+    from export.onnx_export import export_fp32
+    from training.resnet import build_model
+
+    d = tmp_path_factory.mktemp("trt")
+    torch.manual_seed(0)
+    export_fp32(fold_batchnorm(build_model("resnet20").eval()), d / "model.fp32.onnx", input_size=32)
+    out = {"fp32": d / "model.fp32.onnx", "dir": d}
+    try:
+        from export.quantize import convert_fp16
+    except ImportError:
+        pass
+    else:
+        out["fp16"] = convert_fp16(d / "model.fp32.onnx", d / "model.fp16.onnx")
+    return out
+
+
+def _ort(path, precision):
+    from serving.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(path, precision, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _USABLE, reason=_REASON)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_matches_onnxruntime(precision, tiny_onnx, tmp_path):
+    if precision not in tiny_onnx:
+        pytest.skip("no fp16 converter (export.quantize.convert_fp16) in this checkout")
+    cache = tiny_onnx["dir"] / "timing.cache"
+    plan = tmp_path / engine_file_name(precision)
+    stamp = build_engine(tiny_onnx[precision], plan, precision=precision, input_size=32, max_batch=16,
+                         timing_cache=cache)
+    assert cache.stat().st_size > 0 and stamp["max_batch"] == 16
+    rng = np.random.default_rng(1)
+    with TensorRTBackend(plan, precision, stamp) as trt_b, _ort(tiny_onnx[precision], precision) as ort_b:
+        for n in (1, 7):
+            x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+            got, ref = trt_b.infer(x), ort_b.infer(x)
+            assert got.shape == ref.shape == (n, 10)
+            if precision == "fp32":
+                np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-3)
+            else:
+                assert np.mean(np.abs(got - ref)) <= 1e-2 + 1e-2 * np.mean(np.abs(ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _USABLE, reason=_REASON)
+def test_timing_cache_is_reused_and_tampered_stamp_refused(tiny_onnx, tmp_path, caplog):
+    cache = tmp_path / "timing.cache"
+    plan = tmp_path / "model.fp32.plan"
+    build_engine(tiny_onnx["fp32"], plan, precision="fp32", input_size=32, max_batch=8, timing_cache=cache)
+    first = cache.stat().st_size
+    assert first > 0
+    with caplog.at_level(logging.INFO, logger="export.tensorrt"):
+        stamp = build_engine(tiny_onnx["fp32"], plan, precision="fp32", input_size=32, max_batch=8,
+                             timing_cache=cache)
+    assert "reusing timing cache" in caplog.text and cache.stat().st_size >= first
+    tampered = stamp | {"tensorrt_version": "9.0.0"}
+    with pytest.raises(ArtifactError, match="9.0.0"):
+        TensorRTBackend(plan, "fp32", tampered).activate()
+    with pytest.raises(ArtifactError, match="compute capability 1.0"):
+        TensorRTBackend(plan, "fp32", stamp | {"compute_capability": "1.0"}).activate()
+
+
+def test_gpu_check_orchestration_with_stand_ins(monkeypatch, tmp_path, capsys):
+    """gpu_check end to end on CPU: ONNX Runtime stands in for TensorRT (so every check passes), a
+    stale engine in the manifest is rebuilt, and a table and JSON come out."""
+    import torch
+
+    import export.gpu_check as gc
+    from export.fold import fold_batchnorm
+    from export.onnx_export import export_fp32
+    from serving.artifacts import sha256_file, write_json_atomic
+    from serving.backends.onnxruntime import OnnxRuntimeBackend
+    from training.data import load_dataset
+    from training.resnet import build_model
+
+    torch.manual_seed(0)
+    export_fp32(fold_batchnorm(build_model("resnet20").eval()), tmp_path / "model.fp32.onnx", input_size=32)
+    (tmp_path / "model.fp16.plan").write_bytes(b"stale")
+    entry = lambda f, p, kind="onnx", **kw: {"file": f, "sha256": sha256_file(tmp_path / f),  # noqa: E731
+                                             "precision": p, "kind": kind, **kw}
+    write_json_atomic(tmp_path / "manifest.json", {
+        "schema_version": 1, "arch": "resnet20", "num_classes": 10,
+        "preprocess": load_dataset("digits").preprocess.to_dict(),
+        "artifacts": [entry("model.fp32.onnx", "fp32"), entry("model.fp32.onnx", "fp16"),
+                      entry("model.fp16.plan", "fp16", "engine", **STAMP)]})
+
+    class StandIn(OnnxRuntimeBackend):
+        def __init__(self, engine, precision, stamp):
+            super().__init__(Path(stamp["onnx"]), precision, providers=["CPUExecutionProvider"],
+                             max_batch_size=stamp["max_batch"])
+
+    def fake_build(onnx_path, engine_path, **kw):
+        Path(engine_path).write_bytes(b"plan")
+        return {"onnx": str(onnx_path), "bytes": 4, **kw}
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.99.0"))
+    monkeypatch.setattr(gc, "tensorrt_status", lambda: (True, "stand-in"))
+    monkeypatch.setattr(gc, "gpu_info", lambda device_id=0: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(gc, "build_engine", fake_build)
+    monkeypatch.setattr("serving.backends.tensorrt.TensorRTBackend", StandIn)
+    out = tmp_path / "r.json"
+    rc = gc.main([str(tmp_path), "--precisions", "fp32,fp16", "--eval-data", "digits", "--limit", "40",
+                  "--iters", "3", "--max-batch", "16", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out + captured.err
+    assert "not using the directory's engine" in captured.err and "10.13.0.35" in captured.err
+    assert "GPU Fake GPU (compute capability 9.0), TensorRT 10.99.0" in captured.out
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["images"] == 40
+    assert [(r["precision"], r["engine"], r["timed_batch"]) for r in report["results"]] == [
+        ("fp32", "built", 10), ("fp16", "rebuilt", 10)]
+    assert all(r["value"] < 1e-5 and r["top1_agreement"] == 1.0 for r in report["results"])
