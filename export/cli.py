@@ -48,7 +48,8 @@ def register(sub) -> None:
                    help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all; must include fp32)")
     p.add_argument("--calib-data", help="dataset for INT8 calibration (default: the checkpoint's training data)")
     p.add_argument("--calib-images", type=positive(int), default=128, help="calibration images (default 128)")
-    p.add_argument("--calib-method", choices=("entropy", "percentile", "minmax"), default="entropy")
+    p.add_argument("--calib-method", choices=("percentile", "entropy", "minmax"), default="percentile",
+                   help="activation ranges: percentile (99.999th, default), entropy (KL, 2048 bins), minmax")
     p.add_argument("--eval-data", help="dataset whose test split gates accuracy (default: the calibration data)")
     p.add_argument("--eval-images", type=positive(int), default=1000, help="gate on at most N images (default 1000)")
     p.add_argument("--labels", help="class names: a JSON list or one per line (default: the checkpoint's)")

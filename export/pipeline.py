@@ -52,7 +52,7 @@ class ExportOptions:
     precisions: list[str] = field(default_factory=lambda: list(PRECISIONS))
     calib_data: str | None = None
     calib_images: int = 128
-    calib_method: str = "entropy"
+    calib_method: str = "percentile"
     eval_data: str | None = None
     eval_images: int = 1000
     labels: str | None = None

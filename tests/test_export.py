@@ -151,7 +151,7 @@ def test_interrupted_export_leaves_previous_dir_intact(digits_run: Path, digits_
     before = _snapshot(out)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "resdeploy", "export", str(digits_run / "best.pt"), "--out", str(out),
-                             "--calib-data", "digits", "--calib-images", "64", "--calib-method", "percentile"],
+                             "--calib-data", "digits", "--calib-images", "64", "--calib-method", "minmax"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 120
@@ -241,3 +241,20 @@ def test_trt_without_tensorrt_fails_fast(digits_run: Path, tmp_path: Path):
     assert "pip install 'resdeploy[gpu]'" in r.stderr
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
     assert time.monotonic() - t0 < 60  # before any ONNX work (which alone takes seconds)
+
+
+def test_each_calibration_method_gives_its_own_ranges(digits_artifacts: Path, tmp_path: Path):
+    """ORT's quantize_static alone makes entropy byte-identical to minmax (128 bins for 128
+    quantized bins leave one KL candidate); our calibrator must not."""
+    from export.quantize import quantize_int8
+
+    m = read_manifest(digits_artifacts)
+    calib = np.load(digits_artifacts / m["calibration"]["file"])[:32]
+    digests = {}
+    for method in ("minmax", "entropy", "percentile"):
+        out = tmp_path / f"{method}.onnx"
+        info = quantize_int8(digits_artifacts / "model.fp32.onnx", out, "int8-cpu", calib, method, tmp_path)
+        assert info["images"] == 32 and info["method"] == method
+        digests[method] = sha256_file(out)
+    assert len(set(digests.values())) == 3, digests
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entropy.onnx", "minmax.onnx", "percentile.onnx"]
