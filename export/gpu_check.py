@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.tensorrt import (ENGINE_PRECISIONS, TIMING_CACHE, build_engine, check_engine_stamp,
-                             engine_file_name, gpu_info, tensorrt_status)
+from export.tensorrt import ENGINE_PRECISIONS, TIMING_CACHE, build_engine, engine_file_name, gpu_info, tensorrt_status
 from resdeploy.errors import ArtifactError, ConfigError, ResdeployError
+from serving.backends.tensorrt import check_engine_stamp
 
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2}  # atol = rtol, applied to mean |diff| of logits
 

@@ -19,13 +19,12 @@ import os
 import time
 from pathlib import Path
 
-from resdeploy.errors import ArtifactError, ExportError
+from resdeploy.errors import ExportError
+from serving.backends.tensorrt import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
-INSTALL_HINT = ("pip install 'resdeploy[gpu]' on a host with an NVIDIA GPU and driver "
-                "(TensorRT 10 or 11, pycuda)")
 TIMING_CACHE = "timing.cache"
 
 
@@ -222,27 +221,3 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
             "max_batch": max_batch, "opt_batch": opt_batch, "input_size": input_size,
             "precision": precision, "tf32": tf32, "build_seconds": round(build_seconds, 3),
             "bytes": engine_path.stat().st_size}
-
-
-def check_engine_stamp(stamp: dict, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:
-    """Refuse an engine built for another TensorRT version or GPU.
-
-    Without the version-/hardware-compatible build modes (not used here) a plan is tied to the
-    TensorRT version and GPU architecture that built it (TensorRT Support Matrix, "Engine
-    Portability"); we compare the full version string and the exact GPU to be safe.
-
-    Raises:
-        ArtifactError: naming what the engine was built with, what this host has, and the fix.
-    """
-    built_trt = str(stamp.get("tensorrt_version", "unknown"))
-    built_gpu, built_cc = str(stamp.get("gpu_name", "unknown")), str(stamp.get("compute_capability", "unknown"))
-    problems = []
-    if built_trt != str(tensorrt_version):
-        problems.append(f"TensorRT {built_trt} (engine) vs {tensorrt_version} (this host)")
-    if built_cc != str(compute_capability) or built_gpu.strip() != str(gpu_name).strip():
-        problems.append(f"GPU {built_gpu}, compute capability {built_cc} (engine) vs "
-                        f"{gpu_name}, compute capability {compute_capability} (this host)")
-    if problems:
-        raise ArtifactError(f"the {stamp.get('precision', '?')} TensorRT engine was built for another host: "
-                            + "; ".join(problems) + ". Rebuild it on this host with "
-                            "`resdeploy export ... --trt` (engines are tied to their TensorRT version and GPU)")

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.tensorrt import (ENGINE_PRECISIONS, INSTALL_HINT, build_engine, check_engine_stamp,
-                             engine_file_name, require_tensorrt, tensorrt_status)
+from export.tensorrt import ENGINE_PRECISIONS, build_engine, engine_file_name, require_tensorrt, tensorrt_status
 from resdeploy.errors import ArtifactError, BackendError, ExportError
+from serving.backends.tensorrt import INSTALL_HINT, check_engine_stamp
 from serving.backends.tensorrt import TensorRTBackend
 
 ROOT = Path(__file__).resolve().parents[1]
