@@ -4,6 +4,7 @@ VENV  ?= .venv
 BIN   := $(VENV)/bin
 RUN   ?= runs/digits
 EPOCHS ?= 10
+ARTIFACTS ?= artifacts/digits
 
 .PHONY: setup demo test test-all models export gpu-check clean
 
@@ -14,16 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-demo: setup                              ## train (if needed) and evaluate the default digits ResNet-20
-	@echo "== main job (until the serving stage lands): train + evaluate ResNet-20 on the embedded digits"
+demo: setup                              ## train (if needed), evaluate and export the default digits ResNet-20
+	@echo "== main job (until the serving stage lands): train, evaluate, export ResNet-20 on the embedded digits"
 	@if [ -f $(RUN)/best.pt ]; then echo "== $(RUN)/best.pt exists; skipping training (make clean to retrain)"; \
 	else $(BIN)/resdeploy train --arch resnet20 --dataset digits --epochs $(EPOCHS) --out $(RUN); fi
 	$(BIN)/resdeploy eval $(RUN)/best.pt --dataset digits --tta center --json $(RUN)/eval-center.json
 	$(BIN)/resdeploy eval $(RUN)/best.pt --dataset digits --tta ten_crop --json $(RUN)/eval-ten_crop.json
+	$(BIN)/resdeploy export $(RUN)/best.pt --out $(ARTIFACTS) --calib-data digits
 
-ARTIFACTS ?= artifacts/digits
-
-export: demo                             ## export the digits model: fp32, fp16, int8, int8-cpu behind the accuracy gate
+export: setup                            ## export RUN/best.pt: fp32, fp16, int8, int8-cpu behind the accuracy gate
 	$(BIN)/resdeploy export $(RUN)/best.pt --out $(ARTIFACTS) --calib-data digits
 
 gpu-check:                               ## on a GPU host with '.[gpu]': TensorRT vs ONNX Runtime on ARTIFACTS
@@ -39,4 +39,4 @@ test-all: setup                          ## also the slow tests
 	$(BIN)/pytest -m "slow or not slow"
 
 clean:
-	rm -rf runs/digits .pytest_cache
+	rm -rf runs/digits artifacts/digits .pytest_cache

@@ -69,10 +69,14 @@ def resolve_preprocess(recorded, fallback, flags: dict, source: str):
     (a dict that may hold any of :data:`PREPROCESS_FLAGS`; ``None`` values are ignored)."""
     from serving.preprocess import PreprocessConfig
 
+    given = {k: flags[k] for k in PREPROCESS_FLAGS if flags.get(k) is not None}
     base = recorded
     if base is None:
         base = fallback
-        log.warning("%s records no preprocessing; using the dataset default %s. Pass --resize/--crop/--mean/"
-                    "--std to match how it was trained.", source, base.to_dict())
-    given = {k: flags[k] for k in PREPROCESS_FLAGS if flags.get(k) is not None}
+        missing = [k for k in ("input_size", "resize", "crop", "mean", "std") if k not in given]
+        if missing:
+            log.warning("%s records no preprocessing; taking %s from the dataset default (%s). Pass --%s to "
+                        "match how it was trained.", source, ", ".join(missing),
+                        ", ".join(f"{k}={base.to_dict()[k]}" for k in missing),
+                        "/--".join(k.replace("_", "-") for k in missing))
     return PreprocessConfig.from_dict(base.to_dict() | given)
