@@ -24,6 +24,9 @@ SERVING_MODULES = [
     "serving.backends.base",
     "serving.backends.onnxruntime",
     "serving.backends.tensorrt",
+    "serving.config",
+    "serving.engine",
+    "serving.http",
 ]
 
 _SCRIPT = r"""

@@ -1,0 +1,75 @@
+"""Service settings, read once from the environment (12-factor style), validated with clear errors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from resdeploy.errors import ConfigError
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "pytorch")
+
+
+def _int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from ``RESDEPLOY_*`` environment variables.
+
+    Attributes:
+        artifacts: artifact directory (``RESDEPLOY_ARTIFACTS``); empty = the BentoML model.
+        bento_model: model-store tag used when ``artifacts`` is empty (``RESDEPLOY_BENTO_MODEL``).
+        backend / precision: engine choice (``RESDEPLOY_BACKEND`` / ``RESDEPLOY_PRECISION``).
+        max_batch: adaptive-batching cap in crops, a multiple of 10 (``RESDEPLOY_MAX_BATCH``).
+        max_latency_ms: BentoML's batching latency budget (``RESDEPLOY_MAX_LATENCY_MS``).
+        max_bytes / max_pixels: request and image limits (``RESDEPLOY_MAX_BYTES`` / ``_MAX_PIXELS``).
+        warmup_iters: warm-up runs per batch size before /readyz says ready.
+        threads: ONNX Runtime intra-op threads (0 = ORT's default).
+    """
+
+    artifacts: str
+    bento_model: str
+    backend: str
+    precision: str
+    max_batch: int
+    max_latency_ms: int
+    max_bytes: int
+    max_pixels: int
+    warmup_iters: int
+    threads: int
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        backend = os.environ.get("RESDEPLOY_BACKEND", "auto").lower()
+        if backend not in BACKENDS:
+            raise ConfigError(f"RESDEPLOY_BACKEND={backend!r}: choose one of {', '.join(BACKENDS)}")
+        precision = os.environ.get("RESDEPLOY_PRECISION", "fp32").lower()
+        if precision not in ("fp32", "fp16", "int8"):
+            raise ConfigError(f"RESDEPLOY_PRECISION={precision!r}: choose fp32, fp16 or int8 "
+                              "(int8 means the int8-cpu file on ONNX Runtime CPU)")
+        max_batch = _int("RESDEPLOY_MAX_BATCH", 40, 10)
+        if max_batch % 10:
+            raise ConfigError(f"RESDEPLOY_MAX_BATCH={max_batch} must be a multiple of 10 (a 10-crop request "
+                              "is 10 rows and is never split across batches)")
+        return cls(
+            artifacts=os.environ.get("RESDEPLOY_ARTIFACTS", ""),
+            bento_model=os.environ.get("RESDEPLOY_BENTO_MODEL", "resdeploy-digits:latest"),
+            backend=backend, precision=precision, max_batch=max_batch,
+            # 2 CPUs shed load with 503 at 500 ms (docs/design.md); 60 s never sheds a queue we can serve.
+            max_latency_ms=_int("RESDEPLOY_MAX_LATENCY_MS", 60_000, 10),
+            max_bytes=_int("RESDEPLOY_MAX_BYTES", 20 * 1024 * 1024, 1024),
+            max_pixels=_int("RESDEPLOY_MAX_PIXELS", 40_000_000, 1),
+            warmup_iters=_int("RESDEPLOY_WARMUP_ITERS", 3, 1),
+            threads=_int("RESDEPLOY_THREADS", 0, 0),
+        )

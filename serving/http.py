@@ -1,0 +1,122 @@
+"""HTTP handlers of the public service: limits, multipart parsing, validation, JSON errors.
+
+BentoML's own image parameters give a 500 for a misnamed field or a corrupt image, have no size
+limit and download URLs given in place of a file (docs/design.md), so the public endpoints are a
+small Starlette app mounted on the service: every bad input gets a 4xx JSON ``{error, detail}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from resdeploy.errors import PreprocessError
+from serving.preprocess import ImageTooLargeError, TTA_MODES, decode_image, preprocess
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def error_response(e: HTTPError) -> JSONResponse:
+    return JSONResponse({"error": e.error, "detail": e.detail}, status_code=e.status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPError(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise HTTPError(413, "request_too_large", f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_form(request: Request, body: bytes, max_files: int):
+    """Multipart form of an already-read body."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise HTTPError(415, "unsupported_media_type",
+                        "send multipart/form-data with the image in a field named 'image' "
+                        "(curl -F image=@photo.jpg ...)")
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replay = Request(request.scope, receive)
+    try:
+        return await replay.form(max_files=max_files, max_fields=16)
+    except Exception as e:  # malformed multipart, too many parts
+        raise HTTPError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from e
+
+
+async def images_from(form, max_files: int) -> list[bytes]:
+    """The bytes of every ``image`` field; URLs and text are refused, never fetched."""
+    values = form.getlist("image")
+    if not values:
+        names = ", ".join(sorted(set(form.keys()))) or "none"
+        raise HTTPError(400, "missing_image", f"no 'image' field in the form (fields sent: {names}); "
+                        "upload the file as -F image=@file.jpg")
+    if len(values) > max_files:
+        raise HTTPError(413, "too_many_images", f"{len(values)} images; at most {max_files} per request")
+    out = []
+    for v in values:
+        if not isinstance(v, UploadFile):
+            kind = "a URL" if str(v).strip().lower().startswith(("http://", "https://", "ftp://", "file:")) \
+                else "a text field"
+            raise HTTPError(400, "not_a_file", f"'image' is {kind}, not an uploaded file; URLs are never "
+                            "fetched by the server: download the image and upload its bytes")
+        data = await v.read()
+        if not data:
+            raise HTTPError(400, "empty_image", f"the uploaded file {v.filename!r} is empty")
+        out.append(data)
+    return out
+
+
+def options(form, num_classes: int) -> tuple[int, str]:
+    """``top_k`` (1..classes, default min(5, classes)) and ``tta`` (ten_crop | center)."""
+    raw_k = form.get("top_k")
+    k = min(5, num_classes)
+    if raw_k is not None:
+        try:
+            k = int(str(raw_k))
+        except ValueError:
+            raise HTTPError(422, "invalid_top_k", f"top_k={raw_k!r} is not an integer") from None
+        if not 1 <= k <= num_classes:
+            raise HTTPError(422, "invalid_top_k", f"top_k={k} must be between 1 and {num_classes}")
+    tta = str(form.get("tta") or "ten_crop")
+    if tta not in TTA_MODES:
+        raise HTTPError(422, "invalid_tta", f"tta={tta!r}: choose one of {', '.join(TTA_MODES)}")
+    return k, tta
+
+
+def decode_and_crop(data: bytes, cfg, tta: str, max_pixels: int):
+    """Decode (limits enforced) and preprocess one upload into float32 crops."""
+    try:
+        img = decode_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as e:
+        raise HTTPError(413, "image_too_large", str(e)) from e
+    except PreprocessError as e:
+        raise HTTPError(415 if "not a supported format" in str(e) else 400, "invalid_image", str(e)) from e
+    return preprocess(img, cfg, tta)
+
+
+def json_response(obj, status: int = 200) -> JSONResponse:
+    return JSONResponse(json.loads(json.dumps(obj)), status_code=status)
+
+
+def now_ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
