@@ -5,8 +5,9 @@ BIN   := $(VENV)/bin
 RUN   ?= runs/digits
 EPOCHS ?= 10
 ARTIFACTS ?= artifacts/digits
+PORT  ?= 3000
 
-.PHONY: setup demo test test-all models export gpu-check clean
+.PHONY: setup demo serve test test-all models export gpu-check clean
 
 setup: $(VENV)/.installed                ## create .venv with the CPU stack and test tools
 
@@ -15,8 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+serve: setup                             ## the main job: build the digits artifacts if missing, then serve them over HTTP
+	@if [ ! -f $(ARTIFACTS)/manifest.json ]; then $(MAKE) --no-print-directory demo; fi
+	@echo "== serving $(ARTIFACTS) on http://localhost:$(PORT)  (try: curl -F image=@photo.jpg localhost:$(PORT)/classify)"
+	RESDEPLOY_ARTIFACTS=$(ARTIFACTS) $(BIN)/bentoml serve serving.service:Classifier --port $(PORT)
+
 demo: setup                              ## train (if needed), evaluate and export the default digits ResNet-20
-	@echo "== main job (until the serving stage lands): train, evaluate, export ResNet-20 on the embedded digits"
+	@echo "== train, evaluate and export ResNet-20 on the embedded digits"
 	@if [ -f $(RUN)/best.pt ]; then echo "== $(RUN)/best.pt exists; skipping training (make clean to retrain)"; \
 	else $(BIN)/resdeploy train --arch resnet20 --dataset digits --epochs $(EPOCHS) --out $(RUN); fi
 	$(BIN)/resdeploy eval $(RUN)/best.pt --dataset digits --tta center --json $(RUN)/eval-center.json
