@@ -28,10 +28,13 @@ def cmd_export(args) -> int:
         eval_data=args.eval_data, eval_images=args.eval_images, labels=args.labels, trt=args.trt,
         max_batch=args.max_batch, workspace_gib=args.workspace_gib, accept_accuracy_drop=args.accept_accuracy_drop,
         num_classes=args.num_classes, shortcut=args.shortcut, data_root=args.data_root,
-        progress=args.progress, preprocess_flags=flags)
+        progress=args.progress, preprocess_flags=flags, bento_model=args.bento_model)
     m = run_export(opts)
     files = ", ".join(a["file"] for a in m["artifacts"])
     print(f"wrote {args.out}: {files}, labels.json, manifest.json ({m['timings_s']['total']:.1f} s)")
+    if m.get("bento_model"):
+        print(f"saved BentoML model {m['bento_model']}; build the service image with: "
+              f"RESDEPLOY_BENTO_MODEL={m['bento_model']} bentoml build")
     if m["accepted_accuracy_drop"]:
         print("warning: some artifacts are over their accuracy budget (accepted with --accept-accuracy-drop)",
               file=sys.stderr)
@@ -61,6 +64,9 @@ def register(sub) -> None:
                    help="install artifacts even when over their accuracy budget (recorded in the manifest)")
     p.add_argument("--num-classes", type=positive(int), help="default: from the checkpoint")
     p.add_argument("--shortcut", choices=("A", "B", "C"), help="default: from the checkpoint or the arch")
+    p.add_argument("--bento-model", metavar="NAME",
+                   help="also store the finished directory in the local BentoML model store as NAME "
+                        "(lowercase letters, digits, '-', '_', '.'; e.g. resdeploy-digits)")
     p.add_argument("--data-root", default="data", help="where 'cifar10' is looked for")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     add_preprocess_flags(p)

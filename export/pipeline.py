@@ -2,10 +2,11 @@
 
 Order: fold BN -> FP32 ONNX (checked, dynamic batch run at 1 and 7) -> FP16 -> INT8 flavours
 (calibrated on serving-preprocessed images, cached) -> accuracy gate on CPU with ONNX Runtime ->
-optional TensorRT engines -> labels.json + manifest.json. Everything is written into a hidden
-temporary directory beside ``--out`` and swapped in by rename only when complete and within
-budget, so a failed or interrupted export never leaves half an artifact nor damages the
-previous one.
+optional TensorRT engines -> the unfolded PyTorch weights (``model.pt``, the reference backend)
+-> labels.json + manifest.json. Everything is written into a hidden temporary directory beside
+``--out`` and swapped in by rename only when complete and within budget, so a failed or
+interrupted export never leaves half an artifact nor damages the previous one. Only then, with
+``--bento-model``, is the installed directory copied into the BentoML model store.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ from serving.backends.onnxruntime import OnnxRuntimeBackend
 from training.checkpoint import restore_model
 from training.data import Dataset, Split, load_dataset
 from training.evaluate import iter_crops
+from training.torch_backend import WEIGHTS_FORMAT
 
 from export import gate, quantize
 from export.fold import fold_batchnorm
 from export.onnx_export import export_fp32, op_counts
 
 log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.pt"
 
 
 @dataclass
@@ -65,6 +69,7 @@ class ExportOptions:
     data_root: str = "data"
     progress: bool | None = None
     preprocess_flags: dict = field(default_factory=dict)
+    bento_model: str | None = None
 
 
 def onnx_file(precision: str) -> str:
@@ -88,6 +93,10 @@ def _validate(o: ExportOptions) -> None:
         raise ConfigError(f"--calib-method {o.calib_method}: choose one of {', '.join(quantize.CALIB_METHODS)}")
     if o.trt and o.precisions == ["int8-cpu"]:
         raise ConfigError("--trt builds engines from fp32/fp16/int8; int8-cpu is for ONNX Runtime only")
+    if o.bento_model is not None:
+        from export.bento import validate_model_name
+
+        validate_model_name(o.bento_model)
 
 
 def _labels(o: ExportOptions, recorded: list[str] | None, ds: Dataset, n: int) -> list[str]:
@@ -194,6 +203,11 @@ def run_export(o: ExportOptions) -> dict:
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if o.bento_model is not None:
+        from export.bento import save_bento_model
+
+        # In memory only: the file's hash is what the store's metadata records.
+        manifest["bento_model"] = save_bento_model(out, o.bento_model)
     return manifest
 
 
@@ -235,6 +249,7 @@ def _build(o, r, pre, labels, eval_ds, eval_spec, calib_spec, out, tmp, timings,
                   "budget": verdicts[p][1]} for p in o.precisions]
     if trt is not None:
         artifacts += _engines(o, trt, tmp, pre, timings)
+    artifacts.append(_weights(r, tmp, ref))
     write_json_atomic(tmp / LABELS, labels)
     versions = {"resdeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__,
@@ -252,6 +267,19 @@ def _build(o, r, pre, labels, eval_ds, eval_spec, calib_spec, out, tmp, timings,
         "accepted_accuracy_drop": bool(o.accept_accuracy_drop and not all(v[0] for v in verdicts.values())),
         "options": {k: v for k, v in vars(o).items() if k not in ("progress",)},
     }
+
+
+def _weights(r, tmp: Path, ref: dict) -> dict:
+    """``model.pt``: the unfolded network's state_dict, for the ``pytorch`` reference backend.
+
+    The gate's PyTorch FP32 row is its accuracy (it is the reference every budget is judged
+    against). Readable with ``torch.load(weights_only=True)``.
+    """
+    sd = {k: v.detach().cpu() for k, v in r.model.state_dict().items()}
+    torch.save({"format": WEIGHTS_FORMAT, "arch": r.arch, "shortcut": r.shortcut, "num_classes": r.num_classes,
+                "model": sd}, tmp / WEIGHTS_FILE)
+    return {"kind": "pytorch", "precision": "fp32", **_file_entry(tmp, WEIGHTS_FILE), "backends": ["pytorch"],
+            **ref, "within_budget": True, "budget": "reference"}
 
 
 def _engines(o, trt, tmp: Path, pre, timings) -> list[dict]:

@@ -41,9 +41,11 @@ class LoadedModel:
 def _tensorrt_usable() -> bool:
     """TensorRT, pycuda and at least one CUDA device, without raising."""
     try:
-        import pycuda.driver as cuda
-        import tensorrt  # noqa: F401  (importable is part of usable)
+        import importlib
 
+        import pycuda.driver as cuda
+
+        importlib.import_module("tensorrt")  # importable is part of usable
         cuda.init()
         return cuda.Device.count() > 0
     except Exception:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from resdeploy.errors import PreprocessError
-from serving.preprocess import ImageTooLargeError, TTA_MODES, decode_image, preprocess
+from serving.preprocess import DECODE_FORMATS, ImageTooLargeError, TTA_MODES, decode_image, preprocess
 
 
 class HTTPError(Exception):
@@ -58,7 +59,8 @@ async def parse_form(request: Request, body: bytes, max_files: int):
 
     replay = Request(request.scope, receive)
     try:
-        return await replay.form(max_files=max_files, max_fields=16)
+        # One spare file slot, so that too many images get our own clear message below.
+        return await replay.form(max_files=max_files + 1, max_fields=16)
     except Exception as e:  # malformed multipart, too many parts
         raise HTTPError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from e
 
@@ -71,7 +73,8 @@ async def images_from(form, max_files: int) -> list[bytes]:
         raise HTTPError(400, "missing_image", f"no 'image' field in the form (fields sent: {names}); "
                         "upload the file as -F image=@file.jpg")
     if len(values) > max_files:
-        raise HTTPError(413, "too_many_images", f"{len(values)} images; at most {max_files} per request")
+        hint = "; send several images to /classify_batch" if max_files == 1 else ""
+        raise HTTPError(413, "too_many_images", f"{len(values)} images; at most {max_files} per request{hint}")
     out = []
     for v in values:
         if not isinstance(v, UploadFile):
@@ -110,8 +113,36 @@ def decode_and_crop(data: bytes, cfg, tta: str, max_pixels: int):
     except ImageTooLargeError as e:
         raise HTTPError(413, "image_too_large", str(e)) from e
     except PreprocessError as e:
-        raise HTTPError(415 if "not a supported format" in str(e) else 400, "invalid_image", str(e)) from e
+        if "not a supported format" not in str(e):
+            raise HTTPError(400, "invalid_image", str(e)) from e
+        fmt = signature_format(data)
+        if fmt is None:
+            raise HTTPError(415, "invalid_image", str(e)) from e
+        # Pillow reports a PNG with a signature but broken chunks as "cannot identify": it is a
+        # corrupt upload of a supported format (400), not an unsupported media type (415).
+        raise HTTPError(400, "invalid_image", f"cannot decode image: corrupt {fmt} data") from e
+    # The shorter side is resized to cfg.resize before cropping, so a thin image grows: a 131-byte
+    # 1x25000 PNG becomes 32x800000 (25.6 MP, 0.3 s), a 1x19000000 one (under a 20 MP limit) would
+    # need ~60 GB. Bound the resized image by the same pixel limit.
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    resized = cfg.resize * int(cfg.resize * long / short)
+    if resized > max_pixels:
+        raise HTTPError(413, "image_too_large", f"image is {w}x{h}: resizing its shorter side to {cfg.resize} "
+                        f"gives {resized} pixels, over the limit of {max_pixels}; crop it to a less "
+                        "extreme aspect ratio")
     return preprocess(img, cfg, tta)
+
+
+def signature_format(data: bytes) -> str | None:
+    """The accepted format whose magic bytes ``data`` starts with (Pillow's own checks), if any."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in DECODE_FORMATS:
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        if accept is not None and accept(prefix):
+            return fmt
+    return None
 
 
 def json_response(obj, status: int = 200) -> JSONResponse:

@@ -14,6 +14,7 @@ Model source: ``RESDEPLOY_ARTIFACTS=DIR``, else the BentoML model-store model
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -61,7 +62,15 @@ def _device_id() -> int:
     return max(0, (index or 1) - 1)
 
 
-@bentoml.service(name="resdeploy_engine", traffic={"timeout": 300})
+# BentoML 1.4.40's client to a dependency replaces its aiohttp session every 100 requests or 300 s
+# (runner_connection defaults) by closing the old one while calls on it are still in flight: under
+# concurrent load those fail ("Connector is closed.", "Server disconnected") and became 503s here
+# (tests/test_service.py reproduces it with 64-request bursts). The engine is a local worker whose
+# address never changes, so the session is never refreshed.
+NO_SESSION_REFRESH = {"max_requests": 2**62, "max_age": 1e12}
+
+
+@bentoml.service(name="resdeploy_engine", traffic={"timeout": 300}, runner_connection=NO_SESSION_REFRESH)
 class Engine:
     """Loads, verifies and warms the backend in the background; ``/readyz`` is 503 until done."""
 
@@ -116,7 +125,8 @@ async def _classify_images(request, batch: bool):
         form = await http.parse_form(request, body, max_files)
         images = await http.images_from(form, max_files)
         k, tta = http.options(form, svc.num_classes)
-        results = [await svc.classify_bytes(data, k, tta) for data in images]
+        # All images at once, so the engine batches their crops together.
+        results = list(await asyncio.gather(*(svc.classify_bytes(data, k, tta) for data in images)))
     except http.HTTPError as e:
         metrics()["rejected"].labels(e.error).inc()
         return http.error_response(e)

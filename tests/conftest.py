@@ -27,3 +27,18 @@ def digits_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits") / "run"
     train(TrainConfig(arch="resnet20", dataset="digits", out=str(out), epochs=8, progress=False))
     return out
+
+
+DIGITS_PRECISIONS = ["fp32", "fp16", "int8", "int8-cpu"]
+
+
+@pytest.fixture(scope="session")
+def digits_artifacts(digits_run: Path, tmp_path_factory) -> Path:
+    """An artifact directory (every ONNX precision, labels, manifest) exported from ``digits_run``."""
+    from resdeploy.cli import main
+
+    out = tmp_path_factory.mktemp("artifacts") / "digits"
+    code = main(["export", str(digits_run / "best.pt"), "--arch", "resnet20", "--out", str(out),
+                 "--precisions", ",".join(DIGITS_PRECISIONS), "--calib-data", "digits", "--no-progress"])
+    assert code == 0
+    return out

@@ -1,0 +1,164 @@
+"""The PyTorch reference backend (``model.pt``) and the BentoML model store / ``bentoml build`` path.
+
+Everything BentoML touches lives in a temporary ``BENTOML_HOME`` (set only in the environment of
+subprocesses), so the user's model store is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from resdeploy.cli import main
+from resdeploy.errors import ArtifactError, BackendError
+from serving.artifacts import find_artifact, read_manifest, sha256_file, verify_file
+from serving.backends.onnxruntime import OnnxRuntimeBackend
+from serving.engine import load_model
+from training.checkpoint import restore_model
+from training.torch_backend import TorchBackend
+
+BIN = Path(sys.executable).parent
+MODEL_NAME = "resdeploy-test"
+
+
+def _env(home: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESDEPLOY_")}
+    return env | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT),
+                  "PYTHONUNBUFFERED": "1"} | extra
+
+
+def _run(args: list[str], home: Path, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=_env(home, **extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# --- model.pt and the pytorch backend ---------------------------------------------------------------
+
+def test_model_pt_is_listed_and_reproduces_the_checkpoint(digits_run: Path, digits_artifacts: Path):
+    m = read_manifest(digits_artifacts)
+    entry = find_artifact(m, "fp32", "pytorch")
+    assert entry["file"] == "model.pt" and entry["backends"] == ["pytorch"] and entry["budget"] == "reference"
+    assert entry["sha256"] == sha256_file(digits_artifacts / "model.pt")
+    assert entry["top1"] == m["eval"]["pytorch_fp32"]["top1"]
+    assert m["artifacts"][-1]["kind"] == "pytorch"  # after every onnx entry
+    obj = torch.load(digits_artifacts / "model.pt", weights_only=True)
+    assert obj["format"] == "resdeploy.weights/1" and (obj["arch"], obj["num_classes"]) == ("resnet20", 10)
+    assert any(k.endswith("running_mean") for k in obj["model"])  # unfolded: BN tensors are there
+
+    x = np.random.default_rng(7).standard_normal((7, 3, 32, 32)).astype(np.float32)
+    with TorchBackend(verify_file(digits_artifacts, entry), m) as b:
+        assert b.input_shape == (None, 3, 32, 32) and b.describe()["file"] == "model.pt"
+        got = b.infer(x)
+        with torch.no_grad():  # the checkpoint itself, on the backend's device: bit-identical logits
+            ref = restore_model(digits_run / "best.pt").model.to(b.device)(torch.from_numpy(x).to(b.device))
+        ref = ref.cpu().numpy()
+        with pytest.raises(BackendError, match=r"expects input of shape \(None, 3, 32, 32\)"):
+            b.infer(np.zeros((1, 3, 28, 28), np.float32))
+    assert got.dtype == np.float32 and got.shape == (7, 10)
+    np.testing.assert_array_equal(got, ref)
+    with OnnxRuntimeBackend(verify_file(digits_artifacts, find_artifact(m, "fp32")), "fp32",
+                            providers=["CPUExecutionProvider"]) as ort_b:
+        np.testing.assert_allclose(ort_b.infer(x), got, rtol=0, atol=1e-4)
+    assert b.model is None and not b.active
+
+
+def test_engine_loads_the_pytorch_backend_and_checks_its_hash(digits_artifacts: Path, tmp_path: Path):
+    model = load_model(digits_artifacts, backend="pytorch")
+    try:
+        assert model.backend.name == "pytorch" and model.entry["kind"] == "pytorch"
+        s = model.summary()
+        assert (s["backend"], s["precision"], s["file"]) == ("pytorch", "fp32", "model.pt")
+        assert model.backend.infer(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+    finally:
+        model.backend.deactivate()
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_artifacts, copy)
+    with open(copy / "model.pt", "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff\xfe")
+    with pytest.raises(ArtifactError, match="does not match the manifest"):
+        load_model(copy, backend="pytorch")
+
+
+# --- --bento-model and bentoml build ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stored(digits_run: Path, tmp_path_factory) -> dict:
+    """``resdeploy export --bento-model`` in a subprocess, into a temporary BENTOML_HOME."""
+    base = tmp_path_factory.mktemp("bento")
+    home, out = base / "home", base / "artifacts"
+    t0 = time.monotonic()
+    r = _run([sys.executable, "-m", "resdeploy", "export", str(digits_run / "best.pt"), "--out", str(out),
+              "--precisions", "fp32,int8-cpu", "--calib-data", "digits", "--calib-images", "64",
+              "--eval-images", "200", "--no-progress", "--bento-model", MODEL_NAME], home)
+    assert r.returncode == 0, r.stderr
+    line = next(s for s in r.stdout.splitlines() if s.startswith("saved BentoML model "))
+    tag = line.split()[3].rstrip(";")
+    return {"home": home, "out": out, "tag": tag, "seconds": time.monotonic() - t0}
+
+
+_GET = r"""
+import json, sys, bentoml
+m = bentoml.models.get(sys.argv[1])
+print(json.dumps({"tag": str(m.tag), "path": m.path, "labels": m.info.labels, "metadata": m.info.metadata}))
+"""
+
+
+def test_export_stores_the_artifact_directory_as_a_bento_model(stored: dict):
+    home, out, tag = stored["home"], stored["out"], stored["tag"]
+    assert tag.startswith(f"{MODEL_NAME}:")
+    listed = _run([str(BIN / "bentoml"), "models", "list", "-o", "json"], home)
+    assert listed.returncode == 0, listed.stderr
+    assert tag in [m["tag"] for m in json.loads(listed.stdout)]
+    r = _run([sys.executable, "-c", _GET, f"{MODEL_NAME}:latest"], home)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    path = Path(info["path"])
+    assert info["tag"] == tag and path.is_relative_to(home)
+    assert not (Path(out) / "model.yaml").exists()  # the installed directory is untouched
+    m = read_manifest(path)  # manifest.json at the root of the stored model
+    for entry in [*m["artifacts"], m["labels"], m["calibration"]]:
+        verify_file(path, entry)
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} <= \
+        {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}  # calib/ included
+    assert info["metadata"] == {"arch": "resnet20", "num_classes": 10, "precisions": ["fp32", "int8-cpu"],
+                                "manifest_sha256": sha256_file(out / "manifest.json"), "schema_version": 1}
+    assert info["labels"] == {"project": "resdeploy", "arch": "resnet20"}
+
+
+def test_bad_bento_model_name_fails_before_any_export_work(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "home"))
+    t0 = time.monotonic()
+    # The checkpoint does not exist: the name must be rejected before it is even looked for.
+    code = main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"),
+                 "--bento-model", "Bad Name!"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "--bento-model 'Bad Name!' is not a valid BentoML model name" in err and "lowercase" in err
+    assert time.monotonic() - t0 < 30 and list(tmp_path.iterdir()) == []
+
+
+def test_bentoml_build_packs_the_stored_model(stored: dict):
+    t0 = time.monotonic()
+    r = _run([str(BIN / "bentoml"), "build", "-o", "tag"], stored["home"], timeout=600,
+             RESDEPLOY_BENTO_MODEL=f"{MODEL_NAME}:latest")
+    seconds = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    bento = next(s for s in r.stdout.splitlines() if s.startswith("__tag__:")).removeprefix("__tag__:")
+    got = _run([str(BIN / "bentoml"), "get", bento, "-o", "json"], stored["home"])
+    assert got.returncode == 0, got.stderr
+    info = json.loads(got.stdout)
+    assert info["service"] == "serving.service:Classifier"
+    models = {m["tag"] for svc in info["services"] for m in svc["models"]} | {m["tag"] for m in info["models"]}
+    assert models == {stored["tag"]}, info
+    print(f"bentoml build: {seconds:.1f} s; export --bento-model: {stored['seconds']:.1f} s")
