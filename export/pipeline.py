@@ -29,8 +29,8 @@ import torch
 from resdeploy import __version__
 from resdeploy.cliargs import resolve_preprocess
 from resdeploy.errors import AccuracyGateError, ConfigError, ExportError
-from serving.artifacts import (INTENDED_BACKENDS, LABELS, MANIFEST, PRECISIONS, SCHEMA_VERSION, sha256_file,
-                               write_json_atomic)
+from resdeploy.fsutil import write_json_atomic
+from serving.artifacts import INTENDED_BACKENDS, LABELS, MANIFEST, PRECISIONS, SCHEMA_VERSION, sha256_file
 from serving.backends.onnxruntime import OnnxRuntimeBackend
 from training.checkpoint import restore_model
 from training.data import Dataset, Split, load_dataset

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from resdeploy.errors import ExportError
+from resdeploy.fsutil import write_bytes_atomic
 from serving.backends.tensorrt import INSTALL_HINT
 
 log = logging.getLogger(__name__)
@@ -105,17 +106,6 @@ def _check_precision(precision: str) -> None:
                           "TensorRT takes the symmetric Q/DQ file: build the engine from precision 'int8'")
     if precision not in ENGINE_PRECISIONS:
         raise ExportError(f"unknown engine precision {precision!r}; choose one of {list(ENGINE_PRECISIONS)}")
-
-
-def _write_atomic(path: Path, data) -> None:
-    """Write bytes (or a buffer such as ``IHostMemory``) to a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, precision: str,
@@ -213,10 +203,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path}; "
                           "see the TensorRT errors logged above")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_path, plan)
+    write_bytes_atomic(engine_path, plan)
     if cache_path:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache_path, config.get_timing_cache().serialize())
+        write_bytes_atomic(cache_path, config.get_timing_cache().serialize())
     return {"tensorrt_version": trt.__version__, "gpu_name": gpu_name, "compute_capability": cc,
             "max_batch": max_batch, "opt_batch": opt_batch, "input_size": input_size,
             "precision": precision, "tf32": tf32, "build_seconds": round(build_seconds, 3),

@@ -477,7 +477,8 @@ def test_gpu_check_orchestration_with_stand_ins(monkeypatch, tmp_path, capsys):
     import export.gpu_check as gc
     from export.fold import fold_batchnorm
     from export.onnx_export import export_fp32
-    from serving.artifacts import sha256_file, write_json_atomic
+    from resdeploy.fsutil import write_json_atomic
+    from serving.artifacts import sha256_file
     from serving.backends.onnxruntime import OnnxRuntimeBackend
     from training.data import load_dataset
     from training.resnet import build_model

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from resdeploy.errors import CheckpointError
+from resdeploy.fsutil import atomic_path
 from serving.preprocess import PreprocessConfig
 from training.resnet import ARCHS, build_model, canonical_arch
 
@@ -64,18 +65,9 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
     A crash or SIGINT mid-write leaves the previous file intact and no temporary behind.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from resdeploy.cliargs import add_preprocess_flags, arch, int_list, positive, resolve_preprocess
 from resdeploy.errors import ConfigError
+from resdeploy.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,7 @@ def cmd_eval(args) -> int:
     print(f"{r.arch} on {ds.name} ({res['n']} images, {args.tta}): top-1 {res['top1']:.2f}% "
           f"(error {res['top1_error']:.2f}%), top-5 {res['top5']:.2f}% (error {res['top5_error']:.2f}%)")
     if args.json:
-        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, res)
     return 0
 
 

@@ -7,13 +7,12 @@ ResNet right) and prints a table of final and best errors.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
 from resdeploy.errors import ConfigError
+from resdeploy.fsutil import write_json_atomic
 from training.plots import save_degradation_figure
 from training.resnet import ARCHS
 from training.train import TrainConfig, train
@@ -57,9 +56,7 @@ def run_compare(depths: list[int], base: TrainConfig) -> dict:
     fig = save_degradation_figure({a: r["epochs"] for a, r in runs.items()}, out / "compare.png",
                                   f"plain vs residual on {ds}, {base.epochs} epochs (bold: test, dashed: train)")
     result = {"dataset": ds, "epochs": base.epochs, "table": table, "figure": str(fig)}
-    tmp = out / ".compare.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "compare.json")
+    write_json_atomic(out / "compare.json", result)
     return result
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from resdeploy.fsutil import atomic_path
+
 
 def _pyplot():
     import matplotlib
@@ -17,12 +19,8 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     """Write the figure to a temporary name, then rename, so a reader never sees half a PNG."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

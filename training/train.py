@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from resdeploy.errors import CheckpointError, ConfigError
+from resdeploy.fsutil import write_json_atomic
 from training import augment
 from training.checkpoint import FORMAT, read_checkpoint, save_atomic
 from training.data import Dataset, load_dataset
@@ -349,7 +350,5 @@ def _save(cfg, model, ds, pre, shortcut, epoch, best, history, out, last, opt, p
     save_atomic(state | {"optimizer": opt.state_dict(),
                          "scheduler": plateau.state_dict() if plateau is not None else None}, last)
     summary = _summary(cfg, ds, history, best, world)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_json_atomic(out / "metrics.json", summary)
     save_curves(history, out / "curves.png", f"{cfg.arch} on {ds.name}")
