@@ -9,74 +9,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
+from bentoserver import serve
 from conftest import ROOT
 
-READY_TIMEOUT_S = 120
 LOAD = ROOT / "bench" / "load.py"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(log: Path, chars: int = 6000) -> str:
-    return log.read_text(errors="replace")[-chars:]
 
 
 @pytest.fixture(scope="module")
 def server_url(digits_artifacts: Path, tmp_path_factory) -> Iterator[str]:
     """``bentoml serve serving.service:Classifier`` on a free loopback port, polled until ready."""
-    tmp = tmp_path_factory.mktemp("load_service")
-    port = _free_port()
-    url, log_path = f"http://127.0.0.1:{port}", tmp / "server.log"
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "BENTOML_HOME": str(tmp / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "True", "RESDEPLOY_ARTIFACTS": str(digits_artifacts),
-    }
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:Classifier", "--host", "127.0.0.1",
-             "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with httpx.Client(base_url=url, timeout=5, trust_env=False) as client:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while True:
-                assert proc.poll() is None, f"bentoml serve exited with {proc.returncode}:\n{_log_tail(log_path)}"
-                assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s:\n{_log_tail(log_path)}"
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:  # not listening yet
-                    pass
-                time.sleep(0.05)
+    with serve(digits_artifacts, tmp_path_factory.mktemp("load_service")) as (url, _):
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        try:  # workers that outlived the arbiter
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _load(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

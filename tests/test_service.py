@@ -12,8 +12,6 @@ import http.server
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bentoserver import serve
 from conftest import ROOT
 from serving.backends.onnxruntime import OnnxRuntimeBackend
 from serving.preprocess import PreprocessConfig, decode_image, preprocess
@@ -36,16 +35,9 @@ MAX_BYTES = 3_000_000
 MAX_PIXELS = 20_000_000
 # Warm-up long enough (~10 s on 2 cores) that /readyz is observably 503 before it is 200.
 WARMUP_ITERS = 300
-READY_TIMEOUT_S = 120
 PROB_ATOL = 1e-5
 PHOTOS = ["astronaut", "chelsea", "coffee", "camera", "rocket"]
 DIGITS = [f"digit{i}" for i in range(5)]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -68,51 +60,19 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(digits_artifacts: Path, tmp_path_factory) -> Iterator[Server]:
-    """``bentoml serve serving.service:Classifier`` on a free loopback port, polled until ready."""
+    """The service with small limits and a long warm-up; records every /readyz and /livez answer."""
     tmp = tmp_path_factory.mktemp("service")
-    port = _free_port()
-    srv = Server(f"http://127.0.0.1:{port}", digits_artifacts, tmp / "server.log")
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "BENTOML_HOME": str(tmp / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "True", "RESDEPLOY_ARTIFACTS": str(digits_artifacts),
-        "RESDEPLOY_WARMUP_ITERS": str(WARMUP_ITERS), "RESDEPLOY_MAX_BYTES": str(MAX_BYTES),
-        "RESDEPLOY_MAX_PIXELS": str(MAX_PIXELS),
-    }
-    with open(srv.log, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:Classifier", "--host", "127.0.0.1",
-             "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with httpx.Client(base_url=srv.url, timeout=5, trust_env=False) as client:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while True:
-                assert proc.poll() is None, f"bentoml serve exited with {proc.returncode}:\n{srv.log_tail()}"
-                assert time.monotonic() < deadline, \
-                    f"not ready after {READY_TIMEOUT_S} s (readyz {srv.readyz[-5:]}):\n{srv.log_tail()}"
-                try:
-                    code = client.get("/readyz").status_code
-                    srv.readyz.append(code)
-                    srv.livez.append(client.get("/livez").status_code)
-                except httpx.TransportError:  # not listening yet
-                    code = None
-                if code == 200:
-                    break
-                time.sleep(0.02)
-        yield srv
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        try:  # workers that outlived the arbiter
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    env = {"RESDEPLOY_WARMUP_ITERS": str(WARMUP_ITERS), "RESDEPLOY_MAX_BYTES": str(MAX_BYTES),
+           "RESDEPLOY_MAX_PIXELS": str(MAX_PIXELS)}
+    readyz: list[int] = []
+    livez: list[int] = []
+
+    def record(client: httpx.Client, code: int) -> None:
+        readyz.append(code)
+        livez.append(client.get("/livez").status_code)
+
+    with serve(digits_artifacts, tmp, env, on_poll=record, poll_s=0.02) as (url, log):
+        yield Server(url, digits_artifacts, log, readyz, livez)
 
 
 @pytest.fixture(scope="module")
