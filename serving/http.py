@@ -8,7 +8,6 @@ small Starlette app mounted on the service: every bad input gets a 4xx JSON ``{e
 from __future__ import annotations
 
 import json
-import time
 
 from PIL import Image
 from starlette.datastructures import UploadFile
@@ -147,7 +146,3 @@ def signature_format(data: bytes) -> str | None:
 
 def json_response(obj, status: int = 200) -> JSONResponse:
     return JSONResponse(json.loads(json.dumps(obj)), status_code=status)
-
-
-def now_ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)

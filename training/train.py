@@ -313,6 +313,10 @@ def _train(cfg: TrainConfig, d: _Dist, out: Path, last: Path) -> dict:
                      "%.1f s  %.0f img/s%s", epoch + 1, cfg.epochs, row["lr"], row["train_loss"],
                      row["train_top1_error"], row["test_top1_error"], row["test_top5_error"], seconds,
                      row["images_per_s"], "  *best" if improved else "")
+    if d.world > 1:
+        # Rank 0 is still writing the last epoch's files; a rank that tore down its gloo group
+        # first aborted ("terminate called without an active exception", seen in CI).
+        dist.barrier()
     return _summary(cfg, ds, history, best, d.world) if history else {}
 
 
