@@ -6,7 +6,10 @@ Every row sees the same images, preprocessed once per TTA mode with exactly the 
 (``serving.preprocess.preprocess`` with the manifest's constants), and scores them the way the
 service does: softmax per crop, probabilities averaged over the crops (in float64). Rows:
 
-* ``pytorch`` ``fp32``: the unfolded ``model.pt``, the reference every other row is compared with;
+* ``pytorch`` ``fp32``: the unfolded ``model.pt`` on the CPU, the reference every other row is
+  compared with;
+* ``pytorch-cuda`` ``fp32`` / ``fp16``: the same ``model.pt`` on the GPU (fp32 with PyTorch's default
+  cuDNN TF32 setting, fp16 by ``model.half()``), only where torch sees a CUDA GPU;
 * ``onnxruntime`` on the CPU provider, one row per ONNX file in the manifest (fp32, fp16, int8,
   int8-cpu: int8 is TensorRT's symmetric form, which ORT runs too, only slower);
 * ``tensorrt``, one row per engine in the manifest, when TensorRT and a matching GPU are usable
@@ -100,7 +103,16 @@ def load_backends(directory: Path, manifest: dict, threads: int | None, log) -> 
     if ref is None:
         raise ArtifactError(f"{directory} has no PyTorch reference (model.pt) in its manifest; "
                             "re-export it with `resdeploy export`")
-    out = [("pytorch", "fp32", TorchBackend(verify_file(directory, ref), manifest).activate())]
+    weights = verify_file(directory, ref)
+    out = [("pytorch", "fp32", TorchBackend(weights, manifest, device="cpu").activate())]
+    import torch
+
+    if torch.cuda.is_available():
+        for half in (False, True):
+            b = TorchBackend(weights, manifest, device="cuda", half=half)
+            out.append(("pytorch-cuda", b.precision, b.activate()))
+    else:
+        log("pytorch-cuda: skipped (torch.cuda.is_available() is False)")
     for e in entries:
         if e.get("kind", "onnx") == "onnx":
             b = OnnxRuntimeBackend(verify_file(directory, e), e["precision"], ["CPUExecutionProvider"], threads)

@@ -10,7 +10,8 @@ Rows (``--backends``, default every one this machine can run):
 * ``torch-cl``: the same network in channels_last memory format;
 * ``ort-fp32`` / ``ort-int8-cpu``: ONNX Runtime (CUDA provider if this build has one, else CPU)
   on the BN-folded FP32 file and on the U8S8 INT8 file made for ORT's x86 kernels;
-* ``torch-cuda-fp16``, ``trt-fp16``, ``trt-int8``: only where CUDA / TensorRT are usable;
+* ``torch-cuda`` (FP32, PyTorch's default cuDNN TF32 setting), ``torch-cuda-fp16``, ``trt-fp16``,
+  ``trt-int8``: only where CUDA / TensorRT are usable; host<->device copies are inside the timing;
   elsewhere they are skipped with the reason printed, never replaced by something else.
 
 Without ``--artifacts`` the network has random weights (He init, BN statistics refreshed on random
@@ -43,10 +44,11 @@ from serving.backends.base import Backend  # noqa: E402
 
 PROG = "bench/latency.py"
 CPU_BACKENDS = ("torch", "torch-cl", "ort-fp32", "ort-int8-cpu")
-GPU_BACKENDS = ("torch-cuda-fp16", "trt-fp16", "trt-int8")
+GPU_BACKENDS = ("torch-cuda", "torch-cuda-fp16", "trt-fp16", "trt-int8")
 BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 PRECISION = {"torch": "fp32", "torch-cl": "fp32", "ort-fp32": "fp32", "ort-int8-cpu": "int8-cpu",
-             "torch-cuda-fp16": "fp16", "trt-fp16": "fp16", "trt-int8": "int8"}
+             "torch-cuda": "fp32", "torch-cuda-fp16": "fp16", "trt-fp16": "fp16", "trt-int8": "int8"}
+TORCH_BACKENDS = ("torch", "torch-cl", "torch-cuda", "torch-cuda-fp16")
 WARMUP = 3
 MIN_ITERS = 3
 # 2 s per cell keeps the default run (ResNet-50, 4 CPU backends x 3 batches, plus export and
@@ -108,7 +110,12 @@ class ModuleBackend(Backend):
         self.model = None
 
     def describe(self) -> dict:
-        return super().describe() | {"device": self.device, "channels_last": self.channels_last}
+        out = super().describe() | {"device": self.device, "channels_last": self.channels_last}
+        if self.device == "cuda":
+            import torch
+
+            out["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        return out
 
 
 def random_model(arch: str, input_size: int, seed: int = 0):
@@ -216,12 +223,12 @@ def make_artifact_sources(directory: Path, manifest: dict, backends: list[str], 
 
     src = Sources()
     entries = {(a.get("kind", "onnx"), a["precision"]): a for a in manifest["artifacts"]}
-    if {"torch", "torch-cl", "torch-cuda-fp16"} & set(backends):
+    if set(TORCH_BACKENDS) & set(backends):
         ref = entries.get(("pytorch", "fp32"))
         if ref is not None:
             src.model = load_weights(verify_file(directory, ref))
         else:
-            for b in ("torch", "torch-cl", "torch-cuda-fp16"):
+            for b in TORCH_BACKENDS:
                 src.missing[b] = (f"{directory} has no model.pt entry in its manifest; re-export with "
                                   "`resdeploy export` to get the PyTorch reference")
     for b in backends:
@@ -248,11 +255,11 @@ def make_backend(name: str, src: Sources, size: int, threads: int) -> Backend:
     """The Backend that runs one row, or raise ``LookupError(reason)`` when it cannot run here."""
     if name in src.missing:
         raise LookupError(src.missing[name])
-    if name in ("torch", "torch-cl", "torch-cuda-fp16"):
+    if name in TORCH_BACKENDS:
         if src.model is None:
             raise LookupError("no PyTorch network")
-        if name == "torch-cuda-fp16":
-            return ModuleBackend(src.model, size, device="cuda", half=True)
+        if name.startswith("torch-cuda"):
+            return ModuleBackend(src.model, size, device="cuda", half=name == "torch-cuda-fp16")
         return ModuleBackend(src.model, size, channels_last=name == "torch-cl")
     p = PRECISION[name]
     if name.startswith("ort-"):
@@ -445,7 +452,7 @@ def _run(cfg: dict) -> int:
     backends = []
     for b in cfg["backends"]:
         why = (None if b not in GPU_BACKENDS else
-               "torch.cuda.is_available() is False" if b == "torch-cuda-fp16" and not cuda_ok else
+               "torch.cuda.is_available() is False" if b.startswith("torch-cuda") and not cuda_ok else
                trt_reason if b.startswith("trt-") and not trt_ok else None)
         if why is None:
             backends.append(b)
@@ -493,6 +500,7 @@ def _run(cfg: dict) -> int:
             "calibration": None if cfg["artifacts"] else f"minmax, {CALIB_IMAGES} random normal images",
             "notes": src.notes, "skipped": skipped, "tensorrt": trt_reason,
             "speedup_reference": "torch eager fp32 p50 at the same batch size, same process",
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32 if cuda_ok else None,
             "load_average_1m": {"before": load_before, "after": _load_average()}}
     write_results(rows, cfg["json"], cfg["csv"], meta, machine=info)
     written = [cfg["json"], cfg["csv"]]

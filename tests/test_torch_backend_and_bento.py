@@ -72,6 +72,20 @@ def test_model_pt_is_listed_and_reproduces_the_checkpoint(digits_run: Path, digi
     assert b.model is None and not b.active
 
 
+def test_torch_backend_device_and_half_are_checked(digits_artifacts: Path):
+    m = read_manifest(digits_artifacts)
+    path = verify_file(digits_artifacts, find_artifact(m, "fp32", "pytorch"))
+    with pytest.raises(BackendError, match="half precision needs CUDA"):
+        TorchBackend(path, m, device="cpu", half=True)
+    with pytest.raises(BackendError, match="'tpu'"):
+        TorchBackend(path, m, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="is_available"):
+            TorchBackend(path, m, device="cuda")
+    with TorchBackend(path, m, device="cpu") as b:  # pinned to the CPU even where a GPU exists
+        assert b.device.type == "cpu" and b.precision == "fp32"
+
+
 def test_engine_loads_the_pytorch_backend_and_checks_its_hash(digits_artifacts: Path, tmp_path: Path):
     model = load_model(digits_artifacts, backend="pytorch")
     try:

@@ -29,20 +29,30 @@ class TorchBackend(Backend):
         manifest: the artifact directory's manifest (crop size for the input shape).
         device_id: CUDA device when CUDA is available; CPU otherwise.
         max_batch_size: largest batch accepted, or ``None`` for no limit.
+        device: ``"cpu"`` or ``"cuda"`` to pin the device; ``None`` picks CUDA when available.
+        half: run in float16 (CUDA only; logits are returned as float32).
     """
 
     name = "pytorch"
 
     def __init__(self, weights_path: str | os.PathLike, manifest: dict, device_id: int = 0,
-                 max_batch_size: int | None = None):
+                 max_batch_size: int | None = None, device: str | None = None, half: bool = False):
         self.path = Path(weights_path)
         if not self.path.is_file():
             raise BackendError(f"PyTorch weights not found: {self.path}; re-export the artifacts "
                                "(`resdeploy export` writes model.pt)")
-        self.device = torch.device(f"cuda:{device_id}" if torch.cuda.is_available() else "cpu")
+        if device not in (None, "cpu", "cuda"):
+            raise BackendError(f"device {device!r}: choose 'cpu' or 'cuda'")
+        use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+        if use_cuda and not torch.cuda.is_available():
+            raise BackendError("device 'cuda' asked for, but torch.cuda.is_available() is False")
+        if half and not use_cuda:
+            raise BackendError("half precision needs CUDA: CPU fp16 convolutions are a slow fallback")
+        self.device = torch.device(f"cuda:{device_id}" if use_cuda else "cpu")
+        self.half = half
         self.model: torch.nn.Module | None = None
         size = int(manifest["preprocess"]["crop"])
-        super().__init__("fp32", (None, 3, size, size), max_batch_size)
+        super().__init__("fp16" if half else "fp32", (None, 3, size, size), max_batch_size)
 
     def _activate(self) -> None:
         try:
@@ -57,11 +67,13 @@ class TorchBackend(Backend):
             model.load_state_dict(obj["model"], strict=True)
         except (KeyError, RuntimeError, ValueError) as e:
             raise BackendError(f"{self.path} does not rebuild a network: {str(e).splitlines()[0]}") from e
-        self.model = model.eval().to(self.device)
+        model = model.eval().to(self.device)
+        self.model = model.half() if self.half else model
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(batch).to(self.device))
+            x = torch.from_numpy(batch).to(self.device)
+            out = self.model(x.half() if self.half else x)
         return out.float().cpu().numpy()
 
     def _deactivate(self) -> None:
@@ -70,4 +82,6 @@ class TorchBackend(Backend):
             torch.cuda.empty_cache()
 
     def describe(self) -> dict:
-        return super().describe() | {"file": self.path.name, "device": str(self.device), "torch": torch.__version__}
+        return super().describe() | {"file": self.path.name, "device": str(self.device), "torch": torch.__version__,
+                                     **({"cudnn_tf32": torch.backends.cudnn.allow_tf32}
+                                        if self.device.type == "cuda" else {})}
