@@ -20,6 +20,11 @@ the project's own export code; INT8 is calibrated with MinMax on 16 random image
 and does not change latency (it changes only the scale constants). Every cell runs 3 warm-up
 iterations, then timed ones until ``--budget-s`` has passed (at least 3). The numbers describe
 this machine only: the header names its CPU, threads and library versions.
+
+Each row also carries the multiply-accumulates it did per second (``gmac_per_s``) and, on the CPU,
+that rate as a share of ONNX Runtime's own GEMM rate on this CPU (``pct_of_gemm``, bench/ceiling.py),
+and the run prints the largest speed-up over eager such kernels could give: a row near 100 % has
+nothing left to gain from the artifact. ``--no-ceiling`` skips that 2-second measurement.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ QUICK = {"arch": "resnet20", "batch_sizes": [1, 10], "budget_s": 0.3}
 DEFAULT_JSON = os.path.join("bench", "results", "latency.json")
 COLUMNS = [("backend", "backend"), ("precision", "precision"), ("batch_size", "batch"),
            ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
-           ("images_per_s", "images/s"), ("speedup_vs_torch", "vs torch")]
+           ("images_per_s", "images/s"), ("speedup_vs_torch", "vs torch"), ("gmac_per_s", "GMAC/s"),
+           ("pct_of_gemm", "% GEMM")]
 CALIB_IMAGES = 16
 
 
@@ -317,6 +323,40 @@ def run_rows(backends: list[str], src: Sources, size: int, batch_sizes: list[int
     return rows
 
 
+# --------------------------------------------------------------------------- ceiling
+
+def model_macs(cfg: dict) -> int:
+    """Multiply-accumulates of one image through the benched network (counted on the meta device)."""
+    import torch
+
+    from training.flops import count_macs
+    from training.resnet import build_model
+
+    m = cfg.get("manifest") or {}
+    with torch.device("meta"):
+        model = build_model(cfg["arch"], num_classes=m.get("num_classes"), shortcut=m.get("shortcut"))
+    return count_macs(model, cfg["input_size"])
+
+
+def ceiling_lines(rows: list[dict], macs: int, ceiling: dict | None, cfg: dict) -> dict:
+    """Print what kernels at this CPU's GEMM rate could give over eager; return it per batch size."""
+    if not ceiling:
+        return {}
+    from bench.ceiling import best_possible
+
+    print(f"\nCeiling: ONNX Runtime's own GEMM on this CPU ({cfg['threads']} threads) runs "
+          f"{ceiling['fp32_gmac_per_s']:.1f} GMAC/s fp32 and {ceiling['int8_gmac_per_s']:.1f} GMAC/s int8 (u8 x s8); "
+          f"{cfg['arch']} is {macs / 1e9:.3g} GMAC per image.")
+    out = {}
+    for r in rows:
+        if r["backend"] == "torch":
+            b = best_possible(r["p50_ms"], macs, r["batch_size"], ceiling)
+            out[str(r["batch_size"])] = {k: round(v, 2) for k, v in b.items()}
+            print(f"  batch {r['batch_size']}: kernels at that rate would be at most {b['fp32']:.2f}x (fp32) and "
+                  f"{b['int8']:.2f}x (int8) faster than torch eager's {r['p50_ms']:.1f} ms")
+    return out
+
+
 # --------------------------------------------------------------------------- plot
 
 def write_png(rows: list[dict], path: Path, title: str) -> Path:
@@ -371,12 +411,14 @@ def build_parser() -> OneLineParser:
     p.add_argument("--csv", help="CSV rows (default: next to --json)")
     p.add_argument("--png", help="latency vs batch size plot (default: next to --json)")
     p.add_argument("--quick", action="store_true", help="smoke run: resnet20 at 32, batch 1,10, 0.3 s per cell")
+    p.add_argument("--no-ceiling", action="store_true", help="skip measuring this CPU's GEMM rate (bench/ceiling.py)")
     return p
 
 
 def resolve(args) -> dict:
     """Validated configuration; raises ConfigError naming the bad flag."""
-    cfg: dict = {"artifacts": args.artifacts, "threads": args.threads, "quick": args.quick}
+    cfg: dict = {"artifacts": args.artifacts, "threads": args.threads, "quick": args.quick,
+                 "ceiling": not args.no_ceiling}
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: must be >= 1")
     budget = args.budget_s if args.budget_s is not None else (QUICK["budget_s"] if args.quick else DEFAULT_BUDGET_S)
@@ -486,6 +528,15 @@ def _run(cfg: dict) -> int:
                         skipped)
     if "torch" not in {r["backend"] for r in rows}:
         print("no torch row: speedup_vs_torch is left empty")
+    macs = model_macs(cfg)
+    ceiling = None
+    if cfg["ceiling"] and any(not r["backend"].startswith(("trt", "torch-cuda")) for r in rows):
+        from bench.ceiling import measure
+
+        ceiling = measure(cfg["threads"], quick=cfg["quick"])
+    from bench.ceiling import annotate
+
+    annotate(rows, macs, ceiling)
 
     header = machine_header(info, cfg["threads"])
     title = f"{cfg['arch']} {cfg['input_size']}x{cfg['input_size']}, {cfg['threads']} threads"
@@ -493,6 +544,7 @@ def _run(cfg: dict) -> int:
     print(f"Latency, {title}; numbers are from this machine only:")
     print(header)
     print(format_table(rows, COLUMNS))
+    best = ceiling_lines(rows, macs, ceiling, cfg)
     meta = {"arch": cfg["arch"], "input_size": cfg["input_size"], "batch_sizes": cfg["batch_sizes"],
             "backends": cfg["backends"], "threads": cfg["threads"], "budget_s": cfg["budget_s"],
             "warmup_iterations": WARMUP, "min_iterations": MIN_ITERS, "quick": cfg["quick"],
@@ -501,7 +553,8 @@ def _run(cfg: dict) -> int:
             "notes": src.notes, "skipped": skipped, "tensorrt": trt_reason,
             "speedup_reference": "torch eager fp32 p50 at the same batch size, same process",
             "cudnn_tf32": torch.backends.cudnn.allow_tf32 if cuda_ok else None,
-            "load_average_1m": {"before": load_before, "after": _load_average()}}
+            "load_average_1m": {"before": load_before, "after": _load_average()},
+            "macs_per_image": macs, "gemm_ceiling": ceiling, "best_possible_speedup": best}
     write_results(rows, cfg["json"], cfg["csv"], meta, machine=info)
     written = [cfg["json"], cfg["csv"]]
     if rows:

@@ -57,6 +57,42 @@ def test_quick_run_writes_rows_for_every_cpu_backend(quick):
     assert "minmax" in proc.stdout
 
 
+def test_quick_run_reports_the_gemm_ceiling(quick):
+    """Each CPU row's MAC rate is compared with ORT's own GEMM rate here, and eager's ceiling is printed."""
+    proc, out = quick
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    meta, rows = doc["meta"], doc["rows"]
+    ceiling = meta["gemm_ceiling"]
+    assert ceiling["fp32_gmac_per_s"] > 0 and ceiling["int8_gmac_per_s"] > 0 and ceiling["threads"] == 2
+    assert 40_000_000 < meta["macs_per_image"] < 42_000_000  # ResNet-20 at 32: 40.6 M (paper: 41 M)
+    for r in rows:
+        gmacs = meta["macs_per_image"] * r["batch_size"] / r["p50_ms"] / 1e6
+        assert r["gmac_per_s"] == pytest.approx(gmacs)
+        kind = "int8" if r["precision"].startswith("int8") else "fp32"
+        assert r["pct_of_gemm"] == pytest.approx(100 * gmacs / ceiling[f"{kind}_gmac_per_s"])
+    for batch in ("1", "10"):
+        torch_ms = next(r["p50_ms"] for r in rows if r["backend"] == "torch" and str(r["batch_size"]) == batch)
+        best = meta["best_possible_speedup"][batch]
+        work = meta["macs_per_image"] * int(batch) / 1e9
+        assert best["int8"] == pytest.approx(torch_ms / 1000 / (work / ceiling["int8_gmac_per_s"]), rel=0.01)
+    assert "Ceiling: ONNX Runtime's own GEMM" in proc.stdout
+
+
+def test_ceiling_helpers_leave_gpu_rows_unrated():
+    from bench.ceiling import annotate, best_possible, kind_of
+
+    rows = [{"backend": "ort-int8-cpu", "precision": "int8-cpu", "batch_size": 10, "p50_ms": 100.0},
+            {"backend": "torch-cuda-fp16", "precision": "fp16", "batch_size": 10, "p50_ms": 5.0, "device": "cuda"}]
+    annotate(rows, 4_000_000_000, {"fp32_gmac_per_s": 100.0, "int8_gmac_per_s": 400.0})
+    assert rows[0]["gmac_per_s"] == pytest.approx(400.0) and rows[0]["pct_of_gemm"] == pytest.approx(100.0)
+    assert rows[1]["gmac_per_s"] == pytest.approx(8000.0) and rows[1]["pct_of_gemm"] is None
+    assert kind_of("fp16") == "fp32" and kind_of("int8") == "int8"
+    # 40 GMAC at 100 GMAC/s takes 0.4 s: eager's 0.8 s can be beaten at most 2x by fp32 kernels.
+    assert best_possible(800.0, 4_000_000_000, 10, {"fp32_gmac_per_s": 100.0, "int8_gmac_per_s": 400.0}) == \
+        pytest.approx({"fp32": 2.0, "int8": 8.0})
+
+
 def test_quick_run_writes_csv_and_png(quick):
     proc, out = quick
     assert proc.returncode == 0, proc.stderr[-2000:]
