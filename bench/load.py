@@ -8,6 +8,12 @@ HTTP status or connection error, and how the server batched: the change of the s
 ``resdeploy_crops_per_batch`` histogram (rows per engine batch) and of BentoML's
 ``bentoml_service_adaptive_batch_size`` (calls per batch) read from ``/metrics`` before and after.
 
+Where the time goes (bench/loadstats.py): CPU milliseconds per request of the client (this
+process) and of the server's process tree (found by its port, or ``--server-pid``), and with
+``--raw DIR`` the same artifact run in this process on ``--raw-batch``-crop batches after the sweep:
+``pct_of_raw`` is served images/s as a share of that raw rate, and the server's CPU per request
+beyond the raw CPU per image is what HTTP, decoding and the hop between the two services cost.
+
 Only loopback hosts are accepted unless ``--allow-remote``: a load test is traffic someone pays for.
 The metrics are server-wide, so other clients hitting the same server during a level are counted
 in its batch histogram.
@@ -175,14 +181,19 @@ async def _metrics(client, url: str) -> dict[str, dict] | None:
 
 
 async def run_level(url: str, images: list, tta: str, concurrency: int, n_requests: int,
-                    max_seconds: float, timeout: float) -> dict[str, Any]:
-    """One concurrency level: ``concurrency`` workers until ``n_requests`` or ``max_seconds``."""
+                    max_seconds: float, timeout: float, meter=None) -> dict[str, Any]:
+    """One concurrency level: ``concurrency`` workers until ``n_requests`` or ``max_seconds``.
+
+    ``meter`` (a bench.loadstats.CpuMeter) is read just around the requests, /metrics reads excluded.
+    """
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         before = await _metrics(client, url)
         issued, ok, latencies, errors = 0, 0, [], Counter()
+        if meter is not None:
+            meter.start()
         t0 = time.perf_counter()
         deadline = t0 + max_seconds
 
@@ -209,6 +220,7 @@ async def run_level(url: str, images: list, tta: str, concurrency: int, n_reques
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
+        cpu = meter.stop(issued, elapsed) if meter is not None else {}
         after = await _metrics(client, url)
 
     crops = histogram_delta((before or {}).get(CROPS_METRIC), (after or {}).get(CROPS_METRIC))
@@ -217,7 +229,7 @@ async def run_level(url: str, images: list, tta: str, concurrency: int, n_reques
         "concurrency": concurrency, "requests": issued, "ok": ok, "errors": dict(errors),
         "elapsed_s": elapsed, "stopped_by": "requests" if issued >= n_requests else "time",
         "requests_per_s": issued / elapsed, "images_per_s": ok / elapsed,
-        "p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None,
+        "p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None, **cpu,
     }
     if latencies:
         p = percentiles(latencies)
@@ -302,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "load.json"), help="results JSON")
     p.add_argument("--csv", help="also write the rows as CSV")
     p.add_argument("--png", help="throughput/p99 plot (default: the JSON path with .png)")
+    p.add_argument("--raw", metavar="DIR", help="artifact directory the server serves: also measure it "
+                   "in-process (no HTTP) and report served throughput as a share of that")
+    p.add_argument("--raw-batch", type=int, default=40, help="crops per in-process batch for --raw "
+                   "(default 40, the service's RESDEPLOY_MAX_BATCH default)")
+    p.add_argument("--server-pid", type=int, help="server process for CPU accounting (default: whoever "
+                   "listens on the URL's port, with its children)")
     p.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
     p.add_argument("--allow-errors", action="store_true", help="exit 0 even if requests failed")
     return p
@@ -318,26 +336,55 @@ def main(argv: list[str] | None = None) -> int:
                 raise LoadError(f"bad {flag} {value}: must be > 0")
         if args.num_images < 0 or args.warmup < 0:
             raise LoadError("--num-images and --warmup must be >= 0")
+        if args.raw_batch <= 0:
+            raise LoadError(f"bad --raw-batch {args.raw_batch}: must be > 0")
+        if args.raw and not (Path(args.raw) / "manifest.json").is_file():
+            raise LoadError(f"--raw {args.raw}: no manifest.json there; pass the artifact directory the "
+                            "server was started with (RESDEPLOY_ARTIFACTS)")
         images = make_images(args.image_size, args.num_images, args.seed, args.images)
         model = asyncio.run(_model_and_warmup(url, images, args.tta, args.warmup, args.timeout))
     except LoadError as e:
         print(f"load.py: error: {e}", file=sys.stderr)
         return e.exit_code
 
+    from bench.loadstats import CpuMeter, raw_rate
+
+    meter = CpuMeter(urlsplit(url).port, args.server_pid)
+    if not meter.procs:
+        print("load.py: server CPU not measured (process not found; pass --server-pid)", file=sys.stderr)
     rows = []
     for c in levels:
         rows.append(asyncio.run(run_level(url, images, args.tta, c, args.requests, args.max_seconds,
-                                          args.timeout)))
+                                          args.timeout, meter)))
         r = rows[-1]
         print(f"concurrency {c}: {r['ok']}/{r['requests']} ok in {r['elapsed_s']:.1f} s", file=sys.stderr)
 
-    machine = machine_info()
     model_info = {k: model.get(k) for k in ("arch", "backend", "precision", "file", "sha256", "num_classes")}
+    raw = None
+    if args.raw:
+        crops = 10 if args.tta == "ten_crop" else 1
+        try:
+            raw = raw_rate(args.raw, model_info["precision"], args.raw_batch, crops)
+        except Exception as e:  # noqa: BLE001 - ResdeployError or a backend failure: report, keep the sweep
+            print(f"load.py: error: --raw {args.raw}: {e}", file=sys.stderr)
+            return 2
+        if raw["sha256"] != model_info["sha256"]:
+            print(f"load.py: error: --raw {args.raw} holds {raw['file']} (sha256 {raw['sha256'][:12]}), but the "
+                  f"server runs sha256 {str(model_info['sha256'])[:12]}; pass the directory it serves", file=sys.stderr)
+            return 2
+        for r in rows:
+            r["pct_of_raw"] = 100.0 * r["images_per_s"] / raw["images_per_s"]
+            if r.get("server_cpu_ms_per_req") is not None:
+                r["overhead_cpu_ms_per_req"] = r["server_cpu_ms_per_req"] - raw["cpu_ms_per_image"]
+        print(f"raw backend in-process: {raw['images_per_s']:.1f} images/s ({raw['batch_crops']}-crop batches, "
+              f"{raw['cpu_ms_per_image']:.2f} CPU ms per image)", file=sys.stderr)
+    machine = machine_info()
     meta = {"url": url, "model": model_info, "tta": args.tta, "concurrency": levels,
             "requests_per_level": args.requests, "max_seconds": args.max_seconds,
             "image_size": args.image_size, "num_images": args.num_images, "images_dir": args.images,
             "images": len(images), "seed": args.seed, "warmup": args.warmup, "timeout_s": args.timeout,
-            "note": "machine is the client's; batch histograms are server-wide deltas per level"}
+            "note": "machine is the client's; batch histograms are server-wide deltas per level",
+            "raw": raw, "server_pids": meter.server_pids}
     json_path = Path(args.json)
     png_path = Path(args.png) if args.png else json_path.with_suffix(".png")
     write_results(rows, json_path, args.csv, meta=meta, machine=machine)
@@ -352,7 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table, [("concurrency", "clients"), "requests", "ok", "errors",
                                ("requests_per_s", "req/s"), ("images_per_s", "img/s"), ("p50_ms", "p50 ms"),
                                ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), "batches",
-                               ("mean_crops_per_batch", "crops/batch"), ("mean_calls_per_batch", "calls/batch")]))
+                               ("mean_crops_per_batch", "crops/batch"), ("mean_calls_per_batch", "calls/batch"),
+                               ("client_cpu_ms_per_req", "client CPU ms"), ("server_cpu_ms_per_req", "server CPU ms"),
+                               ("pct_of_raw", "% of raw")]))
+    if raw:
+        print(f"raw: {raw['images_per_s']:.1f} images/s in-process ({raw['file']}, {raw['batch_crops']}-crop "
+              f"batches, {raw['cpu_ms_per_image']:.2f} CPU ms/image); CPU ms are per request")
     print(f"wrote {json_path} and {png_path}" + (f" and {args.csv}" if args.csv else ""))
     failed = sum(r["requests"] - r["ok"] for r in rows)
     if failed and not args.allow_errors:

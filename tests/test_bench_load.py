@@ -35,9 +35,10 @@ def _load(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_load_sweep(server_url: str, tmp_path: Path) -> None:
+def test_load_sweep(server_url: str, digits_artifacts: Path, tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    r = _load(server_url, "--concurrency", "1,4", "--requests", "12", "--json", str(out))
+    r = _load(server_url, "--concurrency", "1,4", "--requests", "12", "--json", str(out),
+              "--raw", str(digits_artifacts), "--raw-batch", "20")
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     doc = json.loads(out.read_text())
     assert set(doc) == {"machine", "meta", "rows"}
@@ -54,8 +55,36 @@ def test_load_sweep(server_url: str, tmp_path: Path) -> None:
         # ten_crop: every request is 10 rows, so the batches hold 120 crops in all.
         assert sum(row["batch_histogram"].values()) == row["batches"] >= 1
         assert row["mean_crops_per_batch"] * row["batches"] == pytest.approx(120)
+        # Where the time went: both sides used CPU, the server (model included) more than the client.
+        assert row["client_cpu_ms_per_req"] > 0 and row["server_cpu_ms_per_req"] > row["client_cpu_ms_per_req"]
+        assert 0 < row["cpu_busy_pct"] <= 100 * 1.05
+        assert row["pct_of_raw"] == pytest.approx(100 * row["images_per_s"] / doc["meta"]["raw"]["images_per_s"])
+        assert row["overhead_cpu_ms_per_req"] == pytest.approx(
+            row["server_cpu_ms_per_req"] - doc["meta"]["raw"]["cpu_ms_per_image"])
+    raw = doc["meta"]["raw"]
+    assert raw["file"] == "model.fp32.onnx" and raw["sha256"] == doc["meta"]["model"]["sha256"]
+    assert raw["batch_crops"] == 20 and raw["calls"] >= 5 and raw["images_per_s"] > 0
+    assert len(doc["meta"]["server_pids"]) >= 3  # the arbiter and one worker per service, found by port
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "resnet20" in r.stdout and "CPU:" in r.stdout
+    assert "resnet20" in r.stdout and "CPU:" in r.stdout and "% of raw" in r.stdout
+
+
+def test_raw_of_another_model_is_refused(server_url: str, digits_artifacts: Path, tmp_path: Path) -> None:
+    """--raw must measure the file the server runs: a different one is one line and exit 2."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(digits_artifacts, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    entry = next(a for a in manifest["artifacts"] if a["file"] == "model.fp32.onnx")
+    entry["sha256"] = "0" * 64  # the file no longer matches: refused before anything runs
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    r = _load(server_url, "--concurrency", "1", "--requests", "2", "--json", str(tmp_path / "x.json"),
+              "--raw", str(other))
+    assert r.returncode == 2 and "--raw" in r.stderr and len(r.stderr.strip().splitlines()) >= 1
+    assert "Traceback" not in r.stderr
+    r = _load(server_url, "--raw", str(tmp_path / "nowhere"), "--json", str(tmp_path / "y.json"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "manifest.json" in r.stderr
 
 
 def test_refuses_remote_host_without_traffic(tmp_path: Path, monkeypatch) -> None:

@@ -1,0 +1,107 @@
+"""Where a served request's time goes, for bench/load.py: CPU time of client and server, raw backend rate.
+
+* :class:`CpuMeter` sums user+system CPU seconds of this process (the load client) and of the
+  server's process tree (found by the port it listens on, or given by PID) across one level;
+* :func:`raw_rate` runs the served artifact in this process, with the serving engine's own loader,
+  on batches of ``batch`` crops: the throughput the server would reach if HTTP, decoding and the hop
+  between its two services cost nothing. Served images/s over this rate is ``pct_of_raw``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _server_processes(port: int | None, pid: int | None) -> list:
+    """The server's process and all its children (BentoML's arbiter spawns one per service worker)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    root = None
+    try:
+        if pid is not None:
+            root = psutil.Process(pid)
+        elif port is not None:
+            for c in psutil.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                    root = psutil.Process(c.pid)
+                    break
+        if root is None:
+            return []
+        while root.parent() is not None and root.parent().pid != 1 and _listens_on(root.parent(), port):
+            root = root.parent()
+        return [root, *root.children(recursive=True)]
+    except (psutil.Error, OSError):  # no permission to list sockets, process gone
+        return []
+
+
+def _listens_on(proc, port: int | None) -> bool:
+    try:
+        return port is not None and any(c.laddr and c.laddr.port == port for c in proc.net_connections("tcp"))
+    except Exception:  # noqa: BLE001 - psutil.AccessDenied and friends: stop climbing
+        return False
+
+
+def _cpu_seconds(procs: list) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # noqa: BLE001 - a worker that exited mid-level
+            continue
+    return total
+
+
+class CpuMeter:
+    """CPU seconds of the client (this process) and the server tree between ``start()`` and ``stop()``."""
+
+    def __init__(self, port: int | None, pid: int | None = None):
+        self.procs = _server_processes(port, pid)
+        self.server_pids = [p.pid for p in self.procs]
+
+    def start(self) -> None:
+        self.c0, self.s0 = time.process_time(), _cpu_seconds(self.procs)
+
+    def stop(self, requests: int, elapsed_s: float) -> dict[str, Any]:
+        client = time.process_time() - self.c0
+        server = _cpu_seconds(self.procs) - self.s0 if self.procs else None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = max(requests, 1)
+        return {"client_cpu_ms_per_req": 1000.0 * client / n,
+                "server_cpu_ms_per_req": None if server is None else 1000.0 * server / n,
+                "cpu_busy_pct": None if server is None else 100.0 * (client + server) / (elapsed_s * cores)}
+
+
+def raw_rate(directory: str | os.PathLike, precision: str, batch: int, crops_per_image: int,
+             seconds: float = 3.0, threads: int = 0) -> dict[str, Any]:
+    """Images/s of the served artifact run in-process on ``batch``-crop batches (at least 5 calls).
+
+    Loads through :func:`serving.engine.load_model` (sha256-checked, same backend choice as the
+    server's ``auto``), so the file and session options are the ones the engine uses.
+    """
+    from serving.engine import load_model
+
+    model = load_model(Path(directory), "auto", precision, 0, threads)
+    try:
+        size = model.preprocess.crop
+        x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+        for _ in range(3):
+            model.backend.infer(x)
+        calls, c0, t0 = 0, time.process_time(), time.perf_counter()
+        while calls < 5 or time.perf_counter() - t0 < seconds:
+            model.backend.infer(x)
+            calls += 1
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        images = calls * batch / crops_per_image
+        return {"images_per_s": images / wall, "cpu_ms_per_image": 1000.0 * cpu / images,
+                "batch_crops": batch, "calls": calls, "file": model.entry["file"], "sha256": model.entry["sha256"],
+                "backend": model.backend.name, "precision": model.backend.precision}
+    finally:
+        model.backend.deactivate()
