@@ -44,7 +44,7 @@ class Tally:
 
     def add(self, logits: np.ndarray, labels: np.ndarray, ref: np.ndarray | None) -> None:
         k = min(5, logits.shape[1])
-        top = np.argsort(-logits, axis=1)[:, :k]
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # ties: lowest class, as argmax and serving
         self.n += len(labels)
         self.top1 += int((top[:, 0] == labels).sum())
         self.top5 += int((top == labels[:, None]).any(1).sum())

@@ -252,3 +252,21 @@ def test_each_calibration_method_gives_its_own_ranges(digits_artifacts: Path, tm
         digests[method] = sha256_file(out)
     assert len(set(digests.values())) == 3, digests
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entropy.onnx", "minmax.onnx", "percentile.onnx"]
+
+
+def test_tied_logits_go_to_the_lowest_class_everywhere():
+    """int8 logits are quantised, so exact ties happen (one digits test image: classes 4 and 7 at
+    5.427495). The gate, the evaluator and the service must all break them the same way as argmax."""
+    import numpy as np
+
+    from export.gate import Tally
+    from serving.engine import top_k
+    from training.evaluate import topk_accuracy
+
+    logits = np.zeros((64, 10), np.float32)
+    logits[:, 4] = logits[:, 7] = 5.427495  # 64 rows: numpy's default introsort is not stable here
+    labels = np.full(64, 4)
+    t = Tally()
+    t.add(logits, labels, logits)
+    assert t.row()["top1"] == 100.0 == topk_accuracy(logits, labels)[1]
+    assert top_k(logits[0].astype(np.float64), 2, [str(i) for i in range(10)])[0]["index"] == 4

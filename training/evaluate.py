@@ -79,7 +79,7 @@ def predict_probs(model: nn.Module, split: Split, cfg: PreprocessConfig, tta: st
 
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
     """Percentage of images whose label is among the ``k`` most probable classes."""
-    order = np.argsort(-probs, axis=1)
+    order = np.argsort(-probs, axis=1, kind="stable")  # ties: lowest class, as argmax and serving
     return {k: float(100.0 * (order[:, :k] == labels[:, None]).any(1).mean()) for k in ks}
 
 
