@@ -24,8 +24,8 @@ SHAPES = ((7840, 1152, 128), (1960, 2304, 256), (2048, 2048, 2048))
 QUICK_SHAPES = ((1024, 1024, 1024),)
 
 
-def _session(m: int, k: int, n: int, int8: bool, threads: int, rng):
-    import onnxruntime as ort
+def gemm_model(m: int, k: int, n: int, int8: bool, rng):
+    """A one-node ONNX model ``Y = A @ W`` with ``W`` a constant, and its input feed."""
     from onnx import TensorProto, helper, numpy_helper
 
     if int8:
@@ -39,11 +39,20 @@ def _session(m: int, k: int, n: int, int8: bool, threads: int, rng):
     graph = helper.make_graph([helper.make_node(op, ["A", "W"], ["Y"])], "gemm",
                               [helper.make_tensor_value_info("A", in_type, [m, k])],
                               [helper.make_tensor_value_info("Y", out_type, [m, n])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR 8 is what opset 17 needs; onnx's default (its newest IR) is refused by older runtimes
+    # (seen: onnx 1.23 writes IR 14, onnxruntime 1.30 reads up to 13).
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model, {"A": a}
+
+
+def _session(m: int, k: int, n: int, int8: bool, threads: int, rng):
+    import onnxruntime as ort
+
+    model, feed = gemm_model(m, k, n, int8, rng)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess, {"A": a}
+    return sess, feed
 
 
 def gemm_rate(m: int, k: int, n: int, int8: bool, threads: int, iters: int = 5) -> float:
