@@ -145,3 +145,36 @@ def test_bad_flag_is_one_line_and_exit_2(args, word, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and word in lines[0], proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_artifacts_mode_benches_the_exported_files(digits_artifacts, tmp_path):
+    """--artifacts: the manifest's own files (sha256-checked), the arch and crop from the manifest."""
+    out = tmp_path / "a.json"
+    proc = _run("--artifacts", str(digits_artifacts), "--batch-sizes", "1,4", "--budget-s", "0.1",
+                "--backends", "torch,ort-fp32,ort-int8-cpu", "--no-ceiling", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    meta = doc["meta"]
+    assert (meta["arch"], meta["input_size"], meta["weights"]) == ("resnet20", 32, "artifacts")
+    assert meta["gemm_ceiling"] is None and meta["calibration"] is None
+    assert {(r["backend"], r["batch_size"]) for r in doc["rows"]} == {
+        (b, n) for b in ("torch", "ort-fp32", "ort-int8-cpu") for n in (1, 4)}
+    assert any("sha256-verified" in n for n in meta["notes"])
+
+
+def test_artifacts_mode_refuses_a_tampered_file(digits_artifacts, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(digits_artifacts, bad)
+    with open(bad / "model.fp32.onnx", "r+b") as f:  # flip one byte in the middle of the weights
+        f.seek(f.seek(0, 2) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    proc = _run("--artifacts", str(bad), "--backends", "ort-fp32", "--batch-sizes", "1", "--budget-s", "0.05",
+                "--json", str(tmp_path / "x.json"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.fp32.onnx" in lines[0] and "sha256" in lines[0].lower(), proc.stderr
+    assert not (tmp_path / "x.json").exists()
