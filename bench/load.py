@@ -402,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
                                ("mean_crops_per_batch", "crops/batch"), ("mean_calls_per_batch", "calls/batch"),
                                ("client_cpu_ms_per_req", "client CPU ms"), ("server_cpu_ms_per_req", "server CPU ms"),
                                ("pct_of_raw", "% of raw")]))
+    for r in rows:
+        parts = r.get("server_cpu_ms_per_req_by_process") or {}
+        if parts:
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v >= 0.005)
+            print(f"CPU ms per request, {r['concurrency']} clients: client {r['client_cpu_ms_per_req']:.2f}, {shown}")
     if raw:
         print(f"raw: {raw['images_per_s']:.1f} images/s in-process ({raw['file']}, {raw['batch_crops']}-crop "
               f"batches, {raw['cpu_ms_per_image']:.2f} CPU ms/image); CPU ms are per request")

@@ -1,7 +1,9 @@
 """Where a served request's time goes, for bench/load.py: CPU time of client and server, raw backend rate.
 
 * :class:`CpuMeter` sums user+system CPU seconds of this process (the load client) and of the
-  server's process tree (found by the port it listens on, or given by PID) across one level;
+  server's process tree (found by the port it listens on, or given by PID) across one level, also
+  per server process role (BentoML's ``--service-name`` of each worker: the public service and the
+  batching engine);
 * :func:`raw_rate` runs the served artifact in this process, with the serving engine's own loader,
   on batches of ``batch`` crops: the throughput the server would reach if HTTP, decoding and the hop
   between its two services cost nothing. Served images/s over this rate is ``pct_of_raw``.
@@ -48,15 +50,26 @@ def _listens_on(proc, port: int | None) -> bool:
         return False
 
 
-def _cpu_seconds(procs: list) -> float:
-    total = 0.0
+def _role(proc) -> str:
+    """BentoML names each worker's service on its command line (``--service-name NAME``)."""
+    try:
+        cmd = proc.cmdline()
+    except Exception:  # noqa: BLE001 - gone or not ours to read
+        return "unknown"
+    if "--service-name" in cmd[:-1]:
+        return cmd[cmd.index("--service-name") + 1]
+    return "arbiter" if any(c == "serve" for c in cmd) else "worker"
+
+
+def _cpu_seconds(procs: list) -> dict[int, float]:
+    out = {}
     for p in procs:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            out[p.pid] = t.user + t.system
         except Exception:  # noqa: BLE001 - a worker that exited mid-level
             continue
-    return total
+    return out
 
 
 class CpuMeter:
@@ -65,17 +78,25 @@ class CpuMeter:
     def __init__(self, port: int | None, pid: int | None = None):
         self.procs = _server_processes(port, pid)
         self.server_pids = [p.pid for p in self.procs]
+        self.roles = {p.pid: _role(p) for p in self.procs}
 
     def start(self) -> None:
         self.c0, self.s0 = time.process_time(), _cpu_seconds(self.procs)
 
     def stop(self, requests: int, elapsed_s: float) -> dict[str, Any]:
+        """Per-request CPU ms of the client, the server and each server process role, and how busy the CPUs were."""
         client = time.process_time() - self.c0
-        server = _cpu_seconds(self.procs) - self.s0 if self.procs else None
+        after = _cpu_seconds(self.procs)
+        by_role: dict[str, float] = {}
+        for pid, t in after.items():
+            role = self.roles.get(pid, "unknown")
+            by_role[role] = by_role.get(role, 0.0) + t - self.s0.get(pid, t)
+        server = sum(by_role.values()) if self.procs else None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         n = max(requests, 1)
         return {"client_cpu_ms_per_req": 1000.0 * client / n,
                 "server_cpu_ms_per_req": None if server is None else 1000.0 * server / n,
+                "server_cpu_ms_per_req_by_process": {k: 1000.0 * v / n for k, v in sorted(by_role.items())},
                 "cpu_busy_pct": None if server is None else 100.0 * (client + server) / (elapsed_s * cores)}
 
 

@@ -58,6 +58,9 @@ def test_load_sweep(server_url: str, digits_artifacts: Path, tmp_path: Path) -> 
         # Where the time went: both sides used CPU, the server (model included) more than the client.
         assert row["client_cpu_ms_per_req"] > 0 and row["server_cpu_ms_per_req"] > row["client_cpu_ms_per_req"]
         assert 0 < row["cpu_busy_pct"] <= 100 * 1.05
+        parts = row["server_cpu_ms_per_req_by_process"]  # the two services, named as BentoML names them
+        assert {"resdeploy", "resdeploy_engine"} <= parts.keys() and parts["resdeploy_engine"] > 0
+        assert sum(parts.values()) == pytest.approx(row["server_cpu_ms_per_req"])
         assert row["pct_of_raw"] == pytest.approx(100 * row["images_per_s"] / doc["meta"]["raw"]["images_per_s"])
         assert row["overhead_cpu_ms_per_req"] == pytest.approx(
             row["server_cpu_ms_per_req"] - doc["meta"]["raw"]["cpu_ms_per_image"])
