@@ -116,12 +116,7 @@ class ModuleBackend(Backend):
         self.model = None
 
     def describe(self) -> dict:
-        out = super().describe() | {"device": self.device, "channels_last": self.channels_last}
-        if self.device == "cuda":
-            import torch
-
-            out["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-        return out
+        return super().describe() | {"device": self.device, "channels_last": self.channels_last}
 
 
 def random_model(arch: str, input_size: int, seed: int = 0):

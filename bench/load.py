@@ -376,8 +376,6 @@ def main(argv: list[str] | None = None) -> int:
             r["pct_of_raw"] = 100.0 * r["images_per_s"] / raw["images_per_s"]
             if r.get("server_cpu_ms_per_req") is not None:
                 r["overhead_cpu_ms_per_req"] = r["server_cpu_ms_per_req"] - raw["cpu_ms_per_image"]
-        print(f"raw backend in-process: {raw['images_per_s']:.1f} images/s ({raw['batch_crops']}-crop batches, "
-              f"{raw['cpu_ms_per_image']:.2f} CPU ms per image)", file=sys.stderr)
     machine = machine_info()
     meta = {"url": url, "model": model_info, "tta": args.tta, "concurrency": levels,
             "requests_per_level": args.requests, "max_seconds": args.max_seconds,
