@@ -1,7 +1,8 @@
-"""training/data.py on real data: the embedded digits, CIFAR-10 batch files, ImageFolder trees.
+"""training/data.py on real data: the embedded digits, CIFAR-10 batch files, image folders.
 
 CIFAR-10 batches are written here in the python format (pickled dicts of a uint8 (n, 3072)
-array and a label list); ImageFolder trees hold real PNG/JPEG files written by Pillow.
+array and a label list); ImageFolder trees hold real PNG/JPEG files written by Pillow, class
+trees and flat calibration folders hold scikit-image's sample photographs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from PIL import Image
 
 from resdeploy.errors import DatasetError
 from serving.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
-from training.data import CIFAR10_CLASSES, Dataset, Split, load_dataset
+from training.data import (CIFAR10_CLASSES, UNLABELLED, Dataset, Split, is_labelled, load_calibration_images,
+                           load_dataset)
 
 # --- digits (embedded) -------------------------------------------------------------------------
 
@@ -330,3 +332,174 @@ def test_directory_of_unknown_layout_names_it_and_the_layouts(tmp_path):
         load_dataset(str(root))
     msg = str(info.value)
     assert str(root) in msg and "cifar-10-batches-py" in msg and "ImageFolder" in msg
+
+
+# --- class trees (DIR/<class>/*.jpg) and flat calibration folders, of real photographs ----------
+
+PHOTO_SIZE = (48, 40)  # (width, height) the photos are shrunk to, so that files stay small
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, np.ndarray]:
+    """scikit-image's sample photographs (shipped with the package), shrunk; camera is greyscale."""
+    from skimage import data
+
+    return {name: np.asarray(Image.fromarray(getattr(data, name)()).resize(PHOTO_SIZE, Image.BILINEAR))
+            for name in ("astronaut", "chelsea", "coffee", "camera", "rocket")}
+
+
+def save_photo(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+# Relative path -> the photo written there. The folder each file sits in is its class.
+PHOTO_TREE = {"space/astronaut.png": "astronaut", "cat/chelsea.jpg": "chelsea", "cup/coffee.png": "coffee",
+              "space/camera.png": "camera", "space/launch/rocket.jpg": "rocket", "cat/chelsea.png": "chelsea"}
+
+
+@pytest.fixture
+def photo_tree(tmp_path, photos) -> Path:
+    root = tmp_path / "val"
+    for rel, name in PHOTO_TREE.items():
+        save_photo(root / rel, photos[name])
+    (root / "cup" / "README.txt").write_text("not an image")
+    return root
+
+
+def test_class_tree_classes_labels_and_pixels(photo_tree, photos):
+    ds = load_dataset(str(photo_tree), input_size=64)
+    assert ds.name == "val" and not ds.in_memory
+    assert ds.classes == ["cat", "cup", "space"]
+    test = ds.test
+    assert len(test) == 6 and test.images is None and test.labels.dtype == np.int64
+    got = {p.relative_to(photo_tree).as_posix(): ds.classes[label] for p, label in zip(test.paths, test.labels)}
+    assert got == {rel: rel.split("/")[0] for rel in PHOTO_TREE}  # nested space/launch/ is still space
+    assert test.labels.tolist() == [0, 0, 1, 2, 2, 2]  # grouped by class, as torchvision lists them
+    assert ds.preprocess == PreprocessConfig.imagenet(64)
+
+    for i, path in enumerate(test.paths):
+        img, want = test.image(i), photos[PHOTO_TREE[path.relative_to(photo_tree).as_posix()]]
+        assert img.mode == "RGB" and img.size == PHOTO_SIZE
+        rgb = np.repeat(want[..., None], 3, -1) if want.ndim == 2 else want
+        if path.suffix == ".png":  # lossless
+            assert np.array_equal(np.asarray(img), rgb)
+        else:
+            assert np.abs(np.asarray(img, dtype=int) - rgb).mean() < 8
+
+
+def test_class_tree_train_is_the_test_images(photo_tree, folder):
+    ds = load_dataset(str(photo_tree))
+    assert ds.test_is_train
+    assert ds.train.paths == ds.test.paths and ds.train.labels.tolist() == ds.test.labels.tolist()
+    calib = load_calibration_images(str(photo_tree))
+    assert calib.paths == ds.test.paths and is_labelled(calib)
+    assert not load_dataset(str(folder)).test_is_train  # a two-split tree keeps its held-out split
+
+
+def test_class_tree_orders_classes_like_torchvision(tmp_path, photos):
+    root = tmp_path / "tree"
+    for name in ("apple", "Zebra", "9", "10", "_x"):
+        save_photo(root / name / "a.png", photos["coffee"])
+    ds = load_dataset(str(root))
+    assert ds.classes == ["10", "9", "Zebra", "_x", "apple"]  # plain string order, upper case first
+    assert [p.parent.name for p in ds.test.paths] == ds.classes
+    assert ds.test.labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_class_tree_empty_class_folder_keeps_its_index(photo_tree, caplog):
+    (photo_tree / "bird").mkdir()  # sorts between cat and cup
+    ds = load_dataset(str(photo_tree))
+    assert ds.classes == ["bird", "cat", "cup", "space"]
+    assert sorted(set(ds.test.labels.tolist())) == [1, 2, 3] and len(ds.test) == 6
+    assert "bird" in caplog.text and "no images" in caplog.text
+
+
+def test_train_val_tree_stays_two_splits(tmp_path, photos):
+    root = tmp_path / "pets"
+    save_photo(root / "train" / "cat" / "a.jpg", photos["chelsea"])
+    save_photo(root / "train" / "cup" / "b.png", photos["coffee"])
+    save_photo(root / "train" / "cup" / "c.png", photos["coffee"])
+    save_photo(root / "val" / "cup" / "d.png", photos["coffee"])
+    save_photo(root / "samples" / "e.png", photos["rocket"])  # a stray folder of images is no class
+    ds = load_dataset(str(root))
+    assert ds.classes == ["cat", "cup"] and not ds.test_is_train
+    assert [p.name for p in ds.train.paths] == ["a.jpg", "b.png", "c.png"] and ds.train.labels.tolist() == [0, 1, 1]
+    assert [p.name for p in ds.test.paths] == ["d.png"] and ds.test.labels.tolist() == [1]
+    assert load_calibration_images(str(root)).paths == ds.train.paths
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_split_folder_without_train_points_at_it(tmp_path, photos, split):
+    root = tmp_path / "imagenet"
+    save_photo(root / split / "n01440764" / "a.jpg", photos["chelsea"])
+    for load in (load_dataset, load_calibration_images):
+        with pytest.raises(DatasetError) as info:
+            load(str(root))
+        assert str(root / split) in str(info.value) and "train/" in str(info.value)
+    assert load_dataset(str(root / split)).classes == ["n01440764"]
+
+
+def test_flat_folder_is_unlabelled_calibration_data(tmp_path, photos):
+    root = tmp_path / "calib"
+    written = {"rocket.jpg", "astronaut.png", "camera.PNG", "chelsea.jpeg", "coffee.webp"}
+    for name in written:
+        save_photo(root / name, photos[name.split(".")[0]])
+    (root / "notes.txt").write_text("not an image")
+    (root / "empty").mkdir()  # a sub-folder without images is ignored
+    split = load_calibration_images(str(root))
+    assert [p.name for p in split.paths] == sorted(written)
+    assert split.labels.tolist() == [-1] * 5 and UNLABELLED == -1 and split.labels.dtype == np.int64
+    assert not is_labelled(split) and split.images is None
+    assert all(split.image(i).size == PHOTO_SIZE and split.image(i).mode == "RGB" for i in range(5))
+    assert len(split.subset(2)) == 2
+
+    with pytest.raises(DatasetError) as info:
+        load_dataset(str(root))
+    msg = str(info.value)
+    assert str(root) in msg and "flat folder" in msg and "calibration" in msg
+
+
+def test_evaluate_refuses_unlabelled_images(tmp_path, photos):
+    from training.evaluate import evaluate
+
+    save_photo(tmp_path / "a.png", photos["coffee"])
+    split = load_calibration_images(str(tmp_path))
+    with pytest.raises(DatasetError, match="labelled"):
+        evaluate(None, split, PreprocessConfig.imagenet(32))
+
+
+@pytest.mark.parametrize("load", [load_dataset, load_calibration_images])
+@pytest.mark.parametrize("content", ["nothing", "text-only", "empty-sub-folders"])
+def test_folder_without_images_names_it_and_the_extensions(tmp_path, load, content):
+    root = tmp_path / "shots"
+    root.mkdir()
+    if content == "text-only":
+        (root / "a.txt").write_text("no image")
+        (root / "b.gif.bak").write_bytes(b"GIF89a")
+    elif content == "empty-sub-folders":
+        (root / "cat").mkdir()
+        (root / "dog").mkdir()
+        (root / "dog" / "notes.md").write_text("no image")
+    with pytest.raises(DatasetError) as info:
+        load(str(root))
+    msg = str(info.value)
+    assert str(root) in msg and ".jpg" in msg and ".png" in msg and "no images" in msg
+
+
+def test_folder_mixing_loose_images_and_classes_is_refused(tmp_path, photos):
+    root = tmp_path / "mixed"
+    save_photo(root / "loose.png", photos["coffee"])
+    save_photo(root / "cat" / "a.png", photos["chelsea"])
+    for load in (load_dataset, load_calibration_images):
+        with pytest.raises(DatasetError) as info:
+            load(str(root))
+        assert str(root) in str(info.value) and "mixes 1 loose image file(s)" in str(info.value)
+
+
+def test_calibration_from_a_named_dataset_is_its_labelled_train_split(digits):
+    calib = load_calibration_images("digits")
+    assert len(calib) == 1437 and is_labelled(calib)
+    assert np.array_equal(calib.images, digits.train.images)
+    with pytest.raises(DatasetError, match="not found"):
+        load_calibration_images(str(Path("no") / "such" / "dir"))

@@ -1,11 +1,14 @@
-"""Datasets: the embedded offline default (scikit-learn digits), CIFAR-10 and ImageFolder trees.
+"""Datasets: the embedded offline default (scikit-learn digits), CIFAR-10 and image folders.
 
 ``load_dataset(spec)`` takes ``digits``, ``cifar10`` (looked up under ``--data-root``, downloaded
-only with ``--download``), or a directory: a ``cifar-10-batches-py`` folder (or its parent) or an
-ImageFolder root with ``train/`` and ``val/`` (or ``test/``) holding one sub-folder per class.
+only with ``--download``), or a directory: a ``cifar-10-batches-py`` folder (or its parent), an
+ImageFolder root with ``train/`` and ``val/`` (or ``test/``) holding one sub-folder per class, or a
+single class tree ``DIR/<class>/*.jpg`` (torchvision's ImageFolder, e.g. an ImageNet ``val/``).
+``load_calibration_images(spec)`` takes all of these and also a flat folder of unlabelled images.
+How a directory's layout is told apart: ``training.folders``.
 
 Small datasets live in memory as uint8 NHWC arrays (augmented in batches on the training device);
-ImageFolder splits are lists of files decoded by the shared serving code.
+image-folder splits are lists of files decoded by the shared serving code.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from PIL import Image
 
 from resdeploy.errors import DatasetError
 from serving.preprocess import PreprocessConfig, decode_image
+from training.folders import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, detect_layout, list_class_images,
+                              list_flat_images, sub_folders)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+UNLABELLED = -1  # the label of every image of an unlabelled (calibration-only) split
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -37,7 +42,11 @@ DIGITS_SEED = 0
 
 @dataclass
 class Split:
-    """One split: in-memory uint8 images (N, H, W, 3) or image file paths, with int labels."""
+    """One split: in-memory uint8 images (N, H, W, 3) or image file paths, with int labels.
+
+    A label is a class index, or ``UNLABELLED`` (-1) for images of unknown class (a flat
+    calibration folder); see :func:`is_labelled`.
+    """
 
     labels: np.ndarray
     images: np.ndarray | None = None
@@ -69,6 +78,8 @@ class Dataset:
     preprocess: PreprocessConfig
     # Recipe settings that suit this data better than the generic defaults (see load_digits_dataset).
     train_defaults: dict = field(default_factory=dict)
+    # True when test holds the training images themselves (a single class tree): no held-out split.
+    test_is_train: bool = False
 
     @property
     def in_memory(self) -> bool:
@@ -174,31 +185,19 @@ def download_cifar10(data_root: Path) -> Path:
     return data_root / "cifar-10-batches-py"
 
 
-def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
-    paths, labels = [], []
-    for idx, c in enumerate(classes):
-        d = folder / c
-        if not d.is_dir():
-            continue
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        paths += files
-        labels += [idx] * len(files)
-    return paths, np.asarray(labels, dtype=np.int64)
-
-
 def load_image_folder(root: Path, input_size: int = 224) -> Dataset:
     """ImageFolder layout: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``."""
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     train_dir = root / "train"
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
+    classes = sub_folders(train_dir) if train_dir.is_dir() else []
     if not classes or test_dir is None:
         raise DatasetError(f"{root} is not an ImageFolder tree: expected train/<class>/ and val/<class>/ "
                            "(or test/<class>/) sub-folders with JPEG/PNG images")
     unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
     if unknown:
         raise DatasetError(f"{test_dir} has classes missing from train/: {', '.join(unknown[:5])}")
-    tr_paths, tr_labels = _list_images(root / "train", classes)
-    te_paths, te_labels = _list_images(test_dir, classes)
+    tr_paths, tr_labels = list_class_images(root / "train", classes)
+    te_paths, te_labels = list_class_images(test_dir, classes)
     if not tr_paths or not te_paths:
         raise DatasetError(f"{root}: found {len(tr_paths)} training and {len(te_paths)} test images "
                            f"(extensions {', '.join(IMAGE_EXTENSIONS)}); both must be non-empty")
@@ -206,18 +205,83 @@ def load_image_folder(root: Path, input_size: int = 224) -> Dataset:
     return Dataset(root.name, classes, Split(tr_labels, paths=tr_paths), Split(te_labels, paths=te_paths), pre)
 
 
+def load_class_folder(root: Path, input_size: int = 224) -> Dataset:
+    """A single class tree ``root/<class>/*.jpg`` (torchvision's ImageFolder), e.g. ImageNet's ``val/``.
+
+    Classes are the sub-folder names, sorted as torchvision sorts them, so label indices match a
+    network trained with it; images are found recursively inside each class folder. An empty class
+    folder still counts as a class (with a warning), keeping the indices after it in place.
+
+    The tree is one labelled pool with nothing held out: it is the evaluation split ``test``, and
+    ``train`` holds the same images (``Dataset.test_is_train``) so that calibration, which draws from
+    ``train``, can use it too. Training on it measures accuracy on the training images.
+
+    Raises:
+        DatasetError: a sub-folder is named ``val`` or ``test`` (a split folder without ``train/``),
+            or the tree holds no images.
+    """
+    classes = sub_folders(root)
+    splits = [c for c in classes if c in SPLIT_FOLDERS]
+    if splits:
+        raise DatasetError(f"{root} has a {splits[0]}/ folder but no train/: pass --dataset {root / splits[0]} to "
+                           f"use it alone as a class tree, or add {root / 'train'}/<class>/ for the two-split layout")
+    paths, labels = list_class_images(root, classes)
+    if not paths:
+        raise DatasetError(f"{root}: no images in its class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    empty = [c for i, c in enumerate(classes) if not (labels == i).any()]
+    if empty:
+        log.warning("%s: %d class folder(s) hold no images (%s); they still count as classes",
+                    root, len(empty), ", ".join(empty[:5]))
+    pre = PreprocessConfig.imagenet(input_size)
+    return Dataset(root.name or root.resolve().name, classes, Split(labels.copy(), paths=list(paths)),
+                   Split(labels, paths=paths), pre, test_is_train=True)
+
+
+ACCEPTED_DIRS = ("a cifar-10-batches-py directory", "an ImageFolder tree (train/<class>/*.jpg with val/<class>/*.jpg "
+                 "or test/<class>/*.jpg)", "a class tree (<class>/*.jpg, e.g. ImageNet's val/)")
+
+
+def _cifar_root(path: Path) -> Path | None:
+    """``path`` or its ``cifar-10-batches-py`` sub-folder if either holds CIFAR-10 batches."""
+    for root in (path, path / "cifar-10-batches-py"):
+        if (root / "data_batch_1").exists() and (root / "test_batch").exists():
+            return root
+    return None
+
+
+def _no_layout_error(path: Path, layout: str | None, calibration: bool) -> DatasetError:
+    """Why directory ``path`` (with ``detect_layout`` result ``layout``) cannot be read."""
+    kinds = ACCEPTED_DIRS + (("a flat folder of images",) if calibration else ())
+    accepted = ", ".join(kinds[:-1]) + ", or " + kinds[-1]
+    if layout == "flat":
+        return DatasetError(f"{path} is a flat folder of images without classes: such a folder is accepted only "
+                            f"as calibration data (--calib-data); to evaluate or train, give {accepted}")
+    loose = len(list_flat_images(path))
+    if loose:
+        return DatasetError(f"{path} mixes {loose} loose image file(s) with sub-folders of images, which could be read "
+                            f"either way: expected {accepted}")
+    return DatasetError(f"{path} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}) and no dataset: "
+                        f"expected {accepted}")
+
+
 def load_dataset(spec: str, *, data_root: str | Path = "data", download: bool = False,
                  input_size: int = 224) -> Dataset:
     """Resolve a ``--dataset`` value to a :class:`Dataset`.
 
+    A directory is read, in this order, as CIFAR-10 batches (in it or in its
+    ``cifar-10-batches-py``), as a two-split ImageFolder tree if it has ``train/``, or as a
+    single class tree (:func:`load_class_folder`); see ``training.folders`` for how the layouts
+    are told apart.
+
     Args:
-        spec: ``digits``, ``cifar10`` or a directory (CIFAR-10 python batches or ImageFolder).
+        spec: ``digits``, ``cifar10`` or a directory (CIFAR-10 batches, ImageFolder or class tree).
         data_root: where ``cifar10`` is looked for and downloaded to.
         download: allow downloading CIFAR-10 (never done implicitly).
-        input_size: network input for ImageFolder data (its preprocessing default).
+        input_size: network input for image-folder data (its preprocessing default).
 
     Raises:
-        DatasetError: unknown name, missing directory or unrecognised layout.
+        DatasetError: unknown name, missing directory or unrecognised layout (a flat folder of
+            images included: it is calibration data only, see :func:`load_calibration_images`).
     """
     if spec == "digits":
         return load_digits_dataset()
@@ -232,11 +296,47 @@ def load_dataset(spec: str, *, data_root: str | Path = "data", download: bool = 
     path = Path(spec)
     if not path.is_dir():
         raise DatasetError(f"dataset '{spec}' not found: use 'digits' (embedded, offline), 'cifar10', "
-                           "or a directory (ImageFolder with train/ and val/, or cifar-10-batches-py)")
-    for root in (path, path / "cifar-10-batches-py"):
-        if (root / "data_batch_1").exists() and (root / "test_batch").exists():
-            return load_cifar10(root)
-    if (path / "train").is_dir():
+                           "or a directory (ImageFolder with train/ and val/, a class tree <class>/*.jpg, "
+                           "or cifar-10-batches-py)")
+    if (root := _cifar_root(path)) is not None:
+        return load_cifar10(root)
+    layout = detect_layout(path)
+    if layout == "splits":
         return load_image_folder(path, input_size)
-    raise DatasetError(f"{path} is neither a cifar-10-batches-py directory nor an ImageFolder tree "
-                       "(train/<class>/*.jpg and val/<class>/*.jpg)")
+    if layout == "classes":
+        return load_class_folder(path, input_size)
+    raise _no_layout_error(path, layout, calibration=False)
+
+
+def load_calibration_images(spec: str, *, data_root: str | Path = "data", input_size: int = 224) -> Split:
+    """Images to calibrate INT8 activation ranges with: a dataset's training split, or a flat folder.
+
+    Args:
+        spec: anything :func:`load_dataset` accepts, or a flat folder ``DIR/*.jpg`` of images of
+            no known class. A flat folder is read non-recursively (its sub-folders would be
+            indistinguishable from classes), in name order.
+        data_root: where ``cifar10`` is looked for (it is never downloaded here).
+        input_size: network input for image-folder data, passed to :func:`load_dataset`.
+
+    Returns:
+        ``load_dataset(spec).train`` (labelled; for a class tree, the whole tree), or for a flat
+        folder a path split whose labels are all ``UNLABELLED`` (-1): see :func:`is_labelled`.
+
+    Raises:
+        DatasetError: as :func:`load_dataset`; a folder without images names the extensions
+            looked for.
+    """
+    path = Path(spec)
+    if spec not in ("digits", "cifar10") and path.is_dir() and _cifar_root(path) is None:
+        layout = detect_layout(path)
+        if layout == "flat":
+            paths = list_flat_images(path)
+            return Split(np.full(len(paths), UNLABELLED, dtype=np.int64), paths=paths)
+        if layout is None:
+            raise _no_layout_error(path, layout, calibration=True)
+    return load_dataset(spec, data_root=data_root, input_size=input_size).train
+
+
+def is_labelled(split: Split) -> bool:
+    """Whether every image of ``split`` has a class (none is ``UNLABELLED``), as accuracy needs."""
+    return bool((split.labels != UNLABELLED).all())

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from resdeploy.errors import ConfigError
+from resdeploy.errors import ConfigError, DatasetError
 from serving.preprocess import PreprocessConfig, multiscale_sizes, preprocess, preprocess_full
-from training.data import Split
+from training.data import Split, is_labelled
 
 EVAL_TTA = ("center", "ten_crop", "multiscale")
 
@@ -89,7 +89,13 @@ def evaluate(model: nn.Module, split: Split, cfg: PreprocessConfig, tta: str = "
 
     Returns:
         ``{"top1", "top5", "top1_error", "top5_error", "n", "tta"}``.
+
+    Raises:
+        DatasetError: ``split`` has unlabelled images (a flat calibration folder).
     """
+    if not is_labelled(split):
+        raise DatasetError("accuracy needs labelled images, but these have no classes (a flat folder "
+                           "is calibration data only): evaluate on a class tree or a dataset")
     probs = predict_probs(model, split, cfg, tta, device, progress=progress)
     acc = topk_accuracy(probs, split.labels, (1, min(5, probs.shape[1])))
     top5 = acc[min(5, probs.shape[1])]
