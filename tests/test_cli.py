@@ -98,3 +98,100 @@ def test_models_lists_every_arch_with_params_and_gflops():
     assert len(rows) == 20
     assert round(rows["resnet56"]["params"] / 1e6, 2) == 0.85
     assert rows["resnet50"]["gflops"] == pytest.approx(4.09, abs=0.02)
+
+
+def write_digits_tree(root: Path) -> int:
+    """The 360 digits test images as PNG files under root/<digit>/; returns how many were written."""
+    from PIL import Image
+
+    from training.data import load_dataset
+
+    test = load_dataset("digits").test
+    for i, (pixels, label) in enumerate(zip(test.images, test.labels)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / str(label) / f"{i:03d}.png")
+    return len(test)
+
+
+def test_eval_on_a_class_tree_matches_the_embedded_split(digits_run: Path, tmp_path: Path, capsys):
+    """The same pixels as files in DIR/<class>/ score exactly what the in-memory split scores."""
+    tree = tmp_path / "digit-photos"
+    assert write_digits_tree(tree) == 360
+    on_tree, on_split = tmp_path / "tree.json", tmp_path / "split.json"
+    ck = str(digits_run / "best.pt")
+    assert main(["eval", ck, "--dataset", str(tree), "--json", str(on_tree), "--no-progress"]) == 0
+    assert "resnet20 on digit-photos (360 images" in capsys.readouterr().out
+    assert main(["eval", ck, "--dataset", "digits", "--json", str(on_split), "--no-progress"]) == 0
+    a, b = json.loads(on_tree.read_text()), json.loads(on_split.read_text())
+    assert a["n"] == 360 and a["dataset"] == "digit-photos"
+    assert (a["top1"], a["top5"]) == (b["top1"], b["top5"]) and a["top1"] >= 90.0
+    assert a["preprocess"] == b["preprocess"]  # the checkpoint's own, not the ImageNet default
+
+
+@pytest.fixture
+def photo_tree(tmp_path: Path) -> Path:
+    """Two classes of scikit-image sample photos: cat/ (1 image) and space/ (2)."""
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path / "photos"
+    for rel, name in {"cat/chelsea.jpg": "chelsea", "space/astronaut.jpg": "astronaut",
+                      "space/rocket.png": "rocket"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(data, name)()).save(root / rel)
+    return root
+
+
+def test_eval_imported_state_dict_on_a_class_tree_takes_the_imagenet_default(photo_tree, tmp_path, capsys):
+    from training.resnet import build_model
+
+    bare = tmp_path / "imported.pth"
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", num_classes=2).state_dict(), bare)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(bare), "--arch", "resnet20", "--dataset", str(photo_tree), "--json", str(out),
+                 "--no-progress"]) == 0
+    assert "records no preprocessing" in capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["n"] == 3 and res["dataset"] == "photos"
+    pre = res["preprocess"]
+    assert (pre["input_size"], pre["resize"], pre["crop"]) == (224, 256, 224)
+    assert tuple(pre["mean"]) == (0.485, 0.456, 0.406)
+    assert 0.0 <= res["top1"] <= 100.0 and res["top5"] == 100.0  # 2 classes: the top 5 hold both
+
+
+def test_eval_class_tree_with_other_class_count_is_one_line(photo_tree, tmp_path, capsys):
+    from training.resnet import build_model
+
+    bare = tmp_path / "three.pth"
+    torch.save(build_model("resnet20", num_classes=3).state_dict(), bare)
+    err = one_line_error(capsys, ["eval", str(bare), "--arch", "resnet20", "--dataset", str(photo_tree)])
+    assert "predicts 3 classes but photos has 2" in err
+
+
+def test_eval_flat_folder_says_it_is_calibration_data(tmp_path, capsys):
+    from PIL import Image
+    from skimage import data
+
+    from training.resnet import build_model
+
+    flat = tmp_path / "shots"
+    flat.mkdir()
+    Image.fromarray(data.coffee()).save(flat / "coffee.jpg")
+    bare = tmp_path / "bare.pth"
+    torch.save(build_model("resnet20", num_classes=10).state_dict(), bare)
+    err = one_line_error(capsys, ["eval", str(bare), "--arch", "resnet20", "--dataset", str(flat)])
+    assert str(flat) in err and "calibration" in err
+
+
+def test_eval_warns_when_the_tree_names_other_classes(digits_run: Path, tmp_path: Path, capsys):
+    """Labels follow the folders' sorted order; a checkpoint that recorded other names is warned about."""
+    from PIL import Image
+
+    tree = tmp_path / "renamed"
+    for k in range(10):
+        (tree / f"digit-{k}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (25 * k,) * 3).save(tree / f"digit-{k}" / "a.png")
+    assert main(["eval", str(digits_run / "best.pt"), "--dataset", str(tree), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "differ" in err and "digit-0" in err and "records no preprocessing" not in err

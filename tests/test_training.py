@@ -105,3 +105,21 @@ def test_compare_plain_vs_residual(tmp_path: Path):
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["table"] == res["table"]
     assert (tmp_path / "plain20" / "best.pt").exists() and (tmp_path / "resnet20" / "best.pt").exists()
+
+
+def test_training_on_a_class_tree_warns_that_test_is_train(tmp_path: Path, caplog):
+    """A single DIR/<class>/ tree has no held-out images: training on it says so."""
+    from PIL import Image
+    from skimage import data
+
+    from training.train import train
+
+    tree = tmp_path / "shots"
+    for cls, name in (("cat", "chelsea"), ("cup", "coffee"), ("space", "rocket"), ("space", "astronaut")):
+        (tree / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(data, name)()).resize((40, 40)).save(tree / cls / f"{name}.png")
+    summary = train(TrainConfig(arch="resnet20", dataset=str(tree), out=str(tmp_path / "run"), epochs=1,
+                                input_size=32, batch_size=2, workers=0, progress=False))
+    assert "single class tree" in caplog.text and "training images" in caplog.text
+    assert read_checkpoint(tmp_path / "run" / "best.pt")["classes"] == ["cat", "cup", "space"]
+    assert summary["epochs"][0]["epoch"] == 1

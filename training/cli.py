@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="'digits' (embedded, offline; default), 'cifar10', "
-                   "or a directory: ImageFolder (train/ and val/ of class folders) or cifar-10-batches-py")
+                   "or a directory: ImageFolder (train/ and val/ of class folders), a class tree (DIR/<class>/*.jpg, "
+                   "e.g. ImageNet's val/; train and test are then the same images) or cifar-10-batches-py")
     p.add_argument("--data-root", default="data", help="where 'cifar10' is looked for (default: data)")
     p.add_argument("--download", action="store_true", help="allow downloading CIFAR-10 (170 MB, MD5-checked)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
@@ -105,6 +106,9 @@ def cmd_eval(args) -> int:
     if r.num_classes != len(ds.classes):
         raise ConfigError(f"the checkpoint predicts {r.num_classes} classes but {ds.name} has "
                           f"{len(ds.classes)}; evaluate it on a dataset with the same classes")
+    if r.classes and list(r.classes) != ds.classes:
+        log.warning("the checkpoint's classes (%s) differ from %s's (%s); labels follow the dataset's order",
+                    ", ".join(r.classes[:4]), ds.name, ", ".join(ds.classes[:4]))
     pre = resolve_preprocess(r.preprocess, ds.preprocess, vars(args), args.checkpoint)
     split = ds.test.subset(args.limit) if args.limit else ds.test
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"

@@ -207,6 +207,8 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, d: _Dist, out: Path, last: Path) -> dict:
     ds = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download and d.main,
                       input_size=cfg.input_size)
+    if ds.test_is_train:
+        log.warning("%s is a single class tree: its test accuracy is measured on the training images", ds.name)
     if cfg.limit:
         ds.train = ds.train.subset(cfg.limit)
     pre = ds.preprocess
