@@ -8,6 +8,11 @@ import sys
 from resdeploy.cliargs import PREPROCESS_FLAGS, add_preprocess_flags, arch, positive
 from serving.artifacts import PRECISIONS
 
+# Kept in step with export.qdq.OVERFLOW_FIXES and export.int8.SENSITIVITY_MODES (tests/test_int8.py
+# checks it): importing them here would load onnx for `--help`.
+OVERFLOW_FIXES = ("first-layer", "all", "none")
+SENSITIVITY_MODES = ("auto", "on", "off")
+
 
 def _precisions(value: str) -> list[str]:
     vals = [v.strip() for v in value.split(",") if v.strip()]
@@ -18,7 +23,32 @@ def _precisions(value: str) -> list[str]:
     return vals
 
 
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def percentage(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a percentage in [0, 100], e.g. 98")
+    return v
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number >= 0")
+    return v
+
+
 def cmd_export(args) -> int:
+    from export.int8 import Int8Options
     from export.pipeline import ExportOptions, run_export
 
     flags = {k: getattr(args, k) for k in PREPROCESS_FLAGS}
@@ -28,8 +58,16 @@ def cmd_export(args) -> int:
         eval_data=args.eval_data, eval_images=args.eval_images, labels=args.labels, trt=args.trt,
         max_batch=args.max_batch, workspace_gib=args.workspace_gib, accept_accuracy_drop=args.accept_accuracy_drop,
         num_classes=args.num_classes, shortcut=args.shortcut, data_root=args.data_root,
-        progress=args.progress, preprocess_flags=flags, bento_model=args.bento_model)
+        progress=args.progress, preprocess_flags=flags, bento_model=args.bento_model,
+        int8=Int8Options(overflow_fix=args.overflow_fix, keep_float=args.keep_float, fallback=args.fallback,
+                         max_float_layers=args.max_float_layers, sensitivity=args.sensitivity,
+                         sensitivity_images=args.sensitivity_images),
+        int8_min_agreement=args.int8_min_agreement, report_only=args.report_only)
     m = run_export(opts)
+    if m.get("report_only"):
+        print(f"wrote {m['report']} (per-layer INT8 sensitivity; no artifacts were written). Keep layers in "
+              f"float with: resdeploy export {args.checkpoint} --out DIR --keep-float NAME,…")
+        return 0
     files = ", ".join(a["file"] for a in m["artifacts"])
     print(f"wrote {args.out}: {files}, labels.json, manifest.json ({m['timings_s']['total']:.1f} s)")
     if m.get("bento_model"):
@@ -53,6 +91,24 @@ def register(sub) -> None:
     p.add_argument("--calib-images", type=positive(int), default=128, help="calibration images (default 128)")
     p.add_argument("--calib-method", choices=("percentile", "entropy", "minmax"), default="percentile",
                    help="activation ranges: percentile (99.999th, default), entropy (KL, 2048 bins), minmax")
+    g = p.add_argument_group("INT8 accuracy (docs/design.md#int8)")
+    g.add_argument("--int8-min-agreement", type=percentage, metavar="PCT",
+                   help="an INT8 file must give FP32's top-1 class on at least PCT%% of the gate images (default 98)")
+    g.add_argument("--no-fallback", dest="fallback", action="store_false",
+                   help="fail instead of keeping the most sensitive layers in float when INT8 misses its budget")
+    g.add_argument("--max-float-layers", type=non_negative_int, default=5, metavar="N",
+                   help="at most N Conv/Gemm layers kept in float by the fallback (default 5)")
+    g.add_argument("--keep-float", type=_names, default=[], metavar="NAME,…",
+                   help="layers always kept in float, by module name (e.g. conv1,fc) or ONNX node name")
+    g.add_argument("--overflow-fix", choices=OVERFLOW_FIXES,
+                   help="7-bit weights against u8*s8 overflow on x86 CPUs without VNNI "
+                        "(default: first-layer for int8-cpu, none for int8)")
+    g.add_argument("--sensitivity", choices=SENSITIVITY_MODES, default="auto",
+                   help="per-layer sensitivity: auto (when a flavour misses its budget), on, off")
+    g.add_argument("--sensitivity-images", type=positive(int), default=500, metavar="N",
+                   help="gate images used per layer for sensitivity (default 500)")
+    g.add_argument("--report-only", action="store_true",
+                   help="only print and write OUT/sensitivity.json: which layers INT8 hurts; no artifacts")
     p.add_argument("--eval-data", help="dataset whose test split gates accuracy (default: the calibration data)")
     p.add_argument("--eval-images", type=positive(int), default=1000, help="gate on at most N images (default 1000)")
     p.add_argument("--labels", help="class names: a JSON list or one per line (default: the checkpoint's)")

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,22 +28,25 @@ import torch
 
 from resdeploy import __version__
 from resdeploy.cliargs import resolve_preprocess
-from resdeploy.errors import AccuracyGateError, ConfigError, ExportError
+from resdeploy.errors import AccuracyGateError, ConfigError, DatasetError, ExportError
 from resdeploy.fsutil import write_json_atomic
 from serving.artifacts import INTENDED_BACKENDS, LABELS, MANIFEST, PRECISIONS, SCHEMA_VERSION, sha256_file
 from serving.backends.onnxruntime import OnnxRuntimeBackend
+from serving.preprocess import PreprocessConfig
 from training.checkpoint import restore_model
-from training.data import Dataset, Split, load_dataset
+from training.data import Dataset, Split, load_calibration_images, load_dataset
 from training.evaluate import iter_crops
 from training.torch_backend import WEIGHTS_FORMAT
 
-from export import gate, quantize
+from export import gate, int8, qdq, quantize
+from export.int8 import EvalSet, Int8Options
 from export.fold import fold_batchnorm
 from export.onnx_export import export_fp32, op_counts
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.pt"
+SENSITIVITY = "sensitivity.json"
 
 
 @dataclass
@@ -70,6 +73,9 @@ class ExportOptions:
     progress: bool | None = None
     preprocess_flags: dict = field(default_factory=dict)
     bento_model: str | None = None
+    int8: Int8Options = field(default_factory=Int8Options)
+    int8_min_agreement: float | None = None
+    report_only: bool = False
 
 
 def onnx_file(precision: str) -> str:
@@ -91,6 +97,14 @@ def _validate(o: ExportOptions) -> None:
         raise ConfigError("--max-batch, --calib-images, --eval-images and --workspace-gib must be positive")
     if o.calib_method not in quantize.CALIB_METHODS:
         raise ConfigError(f"--calib-method {o.calib_method}: choose one of {', '.join(quantize.CALIB_METHODS)}")
+    if o.int8.sensitivity not in int8.SENSITIVITY_MODES:
+        raise ConfigError(f"--sensitivity {o.int8.sensitivity}: choose one of {', '.join(int8.SENSITIVITY_MODES)}")
+    if o.int8.overflow_fix is not None and o.int8.overflow_fix not in qdq.OVERFLOW_FIXES:
+        raise ConfigError(f"--overflow-fix {o.int8.overflow_fix}: choose one of {', '.join(qdq.OVERFLOW_FIXES)}")
+    if o.int8_min_agreement is not None and not 0 <= o.int8_min_agreement <= 100:
+        raise ConfigError(f"--int8-min-agreement {o.int8_min_agreement}: a percentage in [0, 100], e.g. 98")
+    if o.report_only and not any(p.startswith("int8") for p in o.precisions):
+        raise ConfigError("--report-only reports INT8 layer sensitivity: --precisions must include int8 or int8-cpu")
     if o.trt and o.precisions == ["int8-cpu"]:
         raise ConfigError("--trt builds engines from fp32/fp16/int8; int8-cpu is for ONNX Runtime only")
     if o.bento_model is not None:
@@ -99,7 +113,33 @@ def _validate(o: ExportOptions) -> None:
         validate_model_name(o.bento_model)
 
 
-def _labels(o: ExportOptions, recorded: list[str] | None, ds: Dataset, n: int) -> list[str]:
+def _gate_data(o: ExportOptions, calib_spec: str | None, recorded_ds: str | None, r) -> tuple[str, Split, Dataset | None]:
+    """The images every artifact is judged on: ``(spec, split, dataset or None when unlabelled)``.
+
+    ``--eval-data`` (labelled) if given; else the calibration data: its held-out split when it is a
+    labelled dataset, else the calibration images themselves, unlabelled (a flat folder: only
+    agreement with FP32 is judged); else the dataset the checkpoint was trained on.
+    """
+    spec = o.eval_data or calib_spec or recorded_ds
+    if not spec:
+        raise ConfigError("pass --eval-data DIR (labelled images) or --calib-data DIR (a folder of images like "
+                          "those the network classifies): every artifact's accuracy is measured at export time")
+    size = r.preprocess.input_size if r.preprocess else 224
+    try:
+        ds = load_dataset(spec, data_root=o.data_root, input_size=size)
+    except DatasetError:
+        if o.eval_data or spec != calib_spec:
+            raise
+        log.warning("%s has no labels: every artifact is judged by its agreement with PyTorch FP32 on the "
+                    "calibration images (pass --eval-data DIR/<class>/*.jpg to measure top-1 too)", spec)
+        return spec, load_calibration_images(spec, data_root=o.data_root, input_size=size), None
+    if len(ds.classes) != r.num_classes:
+        raise ConfigError(f"--eval-data {spec} has {len(ds.classes)} classes but the network "
+                          f"predicts {r.num_classes}; evaluate on the data it was trained for")
+    return spec, ds.test, ds
+
+
+def _labels(o: ExportOptions, recorded: list[str] | None, ds: Dataset | None, n: int) -> list[str]:
     if o.labels:
         path = Path(o.labels)
         if not path.is_file():
@@ -107,7 +147,7 @@ def _labels(o: ExportOptions, recorded: list[str] | None, ds: Dataset, n: int) -
         text = path.read_text()
         labels = json.loads(text) if text.lstrip().startswith("[") else [s for s in text.splitlines() if s.strip()]
     else:
-        labels = recorded or ds.classes
+        labels = recorded or (ds.classes if ds else [str(i) for i in range(n)])
     if len(labels) != n:
         raise ConfigError(f"{len(labels)} labels for a {n}-class network; pass --labels with {n} entries")
     return [str(v) for v in labels]
@@ -140,8 +180,8 @@ def _calibration(o: ExportOptions, spec: str, pre, out: Path, tmp: Path) -> tupl
     key = quantize.calibration_key(spec, o.calib_images, pre.to_dict())
     cached = quantize.cached_calibration(key, [out, tmp], tmp)
     if cached is None:
-        ds = load_dataset(spec, data_root=o.data_root, input_size=pre.input_size)
-        split = _shuffled(ds.train, o.calib_images)
+        split = _shuffled(load_calibration_images(spec, data_root=o.data_root, input_size=pre.input_size),
+                          o.calib_images)
         if len(split) < o.calib_images:
             log.warning("calibration: %s has %d training images, fewer than --calib-images %d",
                         spec, len(split), o.calib_images)
@@ -175,15 +215,10 @@ def run_export(o: ExportOptions) -> dict:
     if needs_calib and not calib_spec:
         raise ConfigError("int8 artifacts need calibration images: pass --calib-data (a dataset the network "
                           "was trained on, e.g. digits or an ImageFolder directory)")
-    eval_spec = o.eval_data or calib_spec or recorded_ds
-    if not eval_spec:
-        raise ConfigError("pass --eval-data: every artifact's accuracy is measured at export time")
-    eval_ds = load_dataset(eval_spec, data_root=o.data_root,
-                           input_size=(r.preprocess.input_size if r.preprocess else 224))
-    if len(eval_ds.classes) != r.num_classes:
-        raise ConfigError(f"--eval-data {eval_spec} has {len(eval_ds.classes)} classes but the network "
-                          f"predicts {r.num_classes}; evaluate on the data it was trained for")
-    pre = resolve_preprocess(r.preprocess, eval_ds.preprocess, o.preprocess_flags, o.checkpoint)
+    eval_spec, gate_split, eval_ds = _gate_data(o, calib_spec, recorded_ds, r)
+    default_pre = eval_ds.preprocess if eval_ds else PreprocessConfig.imagenet(
+        r.preprocess.input_size if r.preprocess else 224)
+    pre = resolve_preprocess(r.preprocess, default_pre, o.preprocess_flags, o.checkpoint)
     labels = _labels(o, r.classes, eval_ds, r.num_classes)
 
     out = Path(o.out).resolve()
@@ -192,14 +227,19 @@ def run_export(o: ExportOptions) -> dict:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         tmp.mkdir(parents=True)
-        manifest = _build(o, r, pre, labels, eval_ds, eval_spec, calib_spec, out, tmp, timings, progress, trt)
+        manifest = _build(o, r, pre, labels, gate_split, eval_spec, calib_spec, out, tmp, timings, progress, trt)
+        if o.report_only:  # the table only: sensitivity.json beside (or into) --out, no artifacts
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / SENSITIVITY, json.loads((tmp / SENSITIVITY).read_text()))
+            return manifest | {"report": str(out / SENSITIVITY)}
         timings["total"] = round(time.perf_counter() - t_start, 2)
         manifest["timings_s"] = timings
         write_json_atomic(tmp / MANIFEST, manifest)
         failed = [a["precision"] for a in manifest["artifacts"] if not a.get("within_budget", True)]
         if failed and not o.accept_accuracy_drop:
             raise AccuracyGateError(f"over accuracy budget: {', '.join(failed)} (table above); nothing was "
-                                    f"written to {out}. Fix the calibration data or pass --accept-accuracy-drop")
+                                    f"written to {out}. Try more --calib-images, --max-float-layers or --keep-float "
+                                    f"(sensitivity table above), or pass --accept-accuracy-drop")
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,7 +251,31 @@ def run_export(o: ExportOptions) -> dict:
     return manifest
 
 
-def _build(o, r, pre, labels, eval_ds, eval_spec, calib_spec, out, tmp, timings, progress, trt) -> dict:
+def _eval_set(model, split: Split, pre, progress: bool) -> EvalSet:
+    """The gate images in memory (serving's centre crop) with PyTorch FP32's logits."""
+    from tqdm import tqdm
+
+    xs, labels, refs = [], [], []
+    model.eval()
+    with tqdm(total=len(split), desc="gate images", unit="img", leave=False, disable=not progress) as bar:
+        for crops, y in iter_crops(split, pre, "center", 50):
+            with torch.no_grad():
+                refs.append(model(torch.from_numpy(crops)).numpy())
+            xs.append(crops)
+            labels.append(y)
+            bar.update(len(y))
+    return EvalSet(np.concatenate(xs), np.concatenate(labels), np.concatenate(refs))
+
+
+def _budgets(o: ExportOptions) -> dict:
+    b = {p: dict(v) for p, v in gate.BUDGETS.items()}
+    if o.int8_min_agreement is not None:
+        for p in ("int8", "int8-cpu"):
+            b[p]["min_agreement"] = o.int8_min_agreement
+    return b
+
+
+def _build(o, r, pre, labels, gate_split, eval_spec, calib_spec, out, tmp, timings, progress, trt) -> dict:
     t = time.perf_counter()
     folded = fold_batchnorm(r.model)
     fp32 = export_fp32(folded, tmp / onnx_file("fp32"), pre.crop)
@@ -224,29 +288,44 @@ def _build(o, r, pre, labels, eval_ds, eval_spec, calib_spec, out, tmp, timings,
         t = time.perf_counter()
         quantize.convert_fp16(fp32, tmp / onnx_file("fp16"))
         timings["onnx_fp16"] = round(time.perf_counter() - t, 2)
-    calibration = None
+    t = time.perf_counter()
+    split = _shuffled(gate_split, o.eval_images)
+    ev = _eval_set(r.model, split, pre, progress)
+    ref, _ = gate.measure(ev.ref, ev.labels, {})
+    timings["gate_images"] = round(time.perf_counter() - t, 2)
+    budgets = _budgets(o)
+    calibration, reports = None, {}
     if any(p.startswith("int8") for p in o.precisions):
         t = time.perf_counter()
         tensors, calibration = _calibration(o, calib_spec, pre, out, tmp)
         timings["calibration_tensors"] = round(time.perf_counter() - t, 2)
-        for p in (p for p in o.precisions if p.startswith("int8")):
-            info = quantize.quantize_int8(fp32, tmp / onnx_file(p), p, tensors, o.calib_method, tmp, progress)
-            timings[f"quantize_{p}"] = info["seconds"]
-            log.info("%s: %s calibration on %d images, %.1f s", p, o.calib_method, info["images"], info["seconds"])
+        opts = replace(o.int8, method=o.calib_method, progress=progress, budgets=budgets,
+                       **({"sensitivity": "on", "fallback": False} if o.report_only else {}))
+        with qdq.Prepared(fp32, tmp) as prepared:
+            for p in (p for p in o.precisions if p.startswith("int8")):
+                reports[p] = int8.build(prepared, p, tmp / onnx_file(p), tensors, ev, ref, opts)
+                timings[f"quantize_{p}"] = reports[p]["seconds"]
+                _log_int8(p, reports[p])
+        if any(rep["sensitivity"] for rep in reports.values()):
+            write_json_atomic(tmp / SENSITIVITY, {p: rep["sensitivity"] for p, rep in reports.items()
+                                                  if rep["sensitivity"]})
+    if o.report_only:
+        return {"report_only": True, "sensitivity": {p: rep["sensitivity"] for p, rep in reports.items()}}
     t = time.perf_counter()
-    backends = {p: OnnxRuntimeBackend(tmp / onnx_file(p), p, providers=["CPUExecutionProvider"]).activate()
-                for p in o.precisions}
-    split = _shuffled(eval_ds.test, o.eval_images)
-    ref, rows = gate.measure(r.model, backends, split, pre, progress)
-    for b in backends.values():
-        b.deactivate()
+    logits = {}
+    for p in o.precisions:
+        fused = qdq.form(p).fused_gate if p.startswith("int8") else True
+        logits[p] = qdq.run(qdq.session(tmp / onnx_file(p), fused=fused), ev.x)[0]
+    _, rows = gate.measure(ev.ref, ev.labels, logits)
     timings["accuracy_gate"] = round(time.perf_counter() - t, 2)
-    verdicts = {p: gate.judge(p, rows[p], ref) for p in o.precisions}
-    print(f"accuracy on {len(split)} {eval_spec} test images (ONNX Runtime CPU vs PyTorch FP32, centre crop):")
+    verdicts = {p: gate.judge(p, rows[p], ref, budgets) for p in o.precisions}
+    print(f"accuracy on {len(split)} {eval_spec} {'test' if ev.labelled else 'unlabelled'} images "
+          "(ONNX Runtime CPU vs PyTorch FP32, centre crop):")
     print(gate.format_table(ref, rows, verdicts))
     artifacts = [{"kind": "onnx", "precision": p, **_file_entry(tmp, onnx_file(p)),
                   "backends": INTENDED_BACKENDS[p], **rows[p], "within_budget": verdicts[p][0],
-                  "budget": verdicts[p][1]} for p in o.precisions]
+                  "budget": verdicts[p][1], **({"quantization": _summary(reports[p])} if p in reports else {})}
+                 for p in o.precisions]
     if trt is not None:
         artifacts += _engines(o, trt, tmp, pre, timings)
     artifacts.append(_weights(r, tmp, ref))
@@ -261,12 +340,49 @@ def _build(o, r, pre, labels, eval_ds, eval_spec, calib_spec, out, tmp, timings,
         "output": {"name": "logits", "dtype": "float32"}, "labels": _file_entry(tmp, LABELS),
         "source": {"checkpoint": Path(o.checkpoint).name, "sha256": sha256_file(o.checkpoint),
                    "epoch": r.meta.get("epoch")},
-        "eval": {"dataset": eval_spec, "images": len(split), "tta": "center", "pytorch_fp32": ref,
-                 "batch_1_7_max_logit_diff": batch_diff},
+        "eval": {"dataset": eval_spec, "images": len(split), "tta": "center", "labelled": ev.labelled,
+                 "pytorch_fp32": ref, "batch_1_7_max_logit_diff": batch_diff, "cpu": cpu_isa()},
         "calibration": calibration, "artifacts": artifacts, "versions": versions,
+        **({"sensitivity": _file_entry(tmp, SENSITIVITY)} if (tmp / SENSITIVITY).exists() else {}),
         "accepted_accuracy_drop": bool(o.accept_accuracy_drop and not all(v[0] for v in verdicts.values())),
-        "options": {k: v for k, v in vars(o).items() if k not in ("progress",)},
+        "options": {k: (asdict(v) if k == "int8" else v) for k, v in vars(o).items() if k not in ("progress",)},
     }
+
+
+def _summary(rep: dict) -> dict:
+    """What the manifest keeps of an INT8 report (the per-layer table is in sensitivity.json)."""
+    keys = ("top1", "top1_agreement", "logit_sqnr_db")
+    return {"method": rep["method"], "overflow_fix": rep["overflow_fix"], "float_layers": rep["float_layers"],
+            "int8_mac_share": rep["int8_mac_share"], "quantizable_layers": rep["quantizable_layers"],
+            "fallback": rep["fallback"], "before_fallback": {k: rep["before"][k] for k in keys},
+            "most_sensitive": [r["layer"] for r in (rep["sensitivity"] or [])[:5]], "seconds": rep["seconds"]}
+
+
+def _log_int8(p: str, rep: dict) -> None:
+    b, a = rep["before"], rep["after"]
+    if rep["sensitivity"]:
+        print(f"{p}: per-layer sensitivity (each layer quantized alone, worst first):")
+        print(int8.format_sensitivity(p, rep["sensitivity"]))
+    line = f"{p}: {rep['method']} ranges, agreement {b['top1_agreement']:.2f}%"
+    if rep["fallback"]:
+        line += (f" -> {a['top1_agreement']:.2f}% with {len(rep['float_layers'])} layer(s) in float "
+                 f"({', '.join(rep['float_layers'])}); {rep['int8_mac_share']:.1f}% of MACs in INT8")
+    print(line + f" ({rep['seconds']:.1f} s)")
+
+
+def cpu_isa() -> dict:
+    """The CPU the gate ran on and whether it has VNNI (int8-cpu accuracy depends on it)."""
+    import platform
+
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "")
+        flags = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    except OSError:
+        model = platform.processor()
+    return {"model": model or platform.machine(), "vnni": any(f in flags.split() for f in ("avx512_vnni", "avx_vnni")),
+            "avx2": "avx2" in flags.split()}
 
 
 def _weights(r, tmp: Path, ref: dict) -> dict:

@@ -15,9 +15,7 @@ artifact directory, keyed by what produced them, so a re-export does not recompu
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -31,7 +29,7 @@ import onnx
 from resdeploy.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
-CALIB_METHODS = ("percentile", "entropy", "minmax")
+CALIB_METHODS = ("percentile", "entropy", "minmax")  # export.qdq reads them from here
 CALIB_DIR = "calib"
 
 
@@ -97,44 +95,14 @@ def save_calibration(key: str, tensors: np.ndarray, dest: Path) -> Path:
     return path
 
 
-class _Reader:
-    """ORT CalibrationDataReader over an in-memory array, with a progress bar."""
-
-    def __init__(self, tensors: np.ndarray, input_name: str, batch: int, progress: bool):
-        from tqdm import tqdm
-
-        self.tensors, self.input_name, self.batch = tensors, input_name, batch
-        self.i = 0
-        self.bar = tqdm(total=len(tensors), desc="calibrating", unit="img", leave=False, disable=not progress)
-
-    def get_next(self):
-        if self.i >= len(self.tensors):
-            self.bar.close()
-            return None
-        chunk = self.tensors[self.i:self.i + self.batch]
-        self.i += len(chunk)
-        self.bar.update(len(chunk))
-        return {self.input_name: chunk}
-
-    def rewind(self):
-        self.i = 0
-
-
-def _quant_options(flavour: str):
-    from onnxruntime.quantization import QuantType
-
-    common = {"DedicatedQDQPair": True, "QuantizeBias": False if flavour == "int8" else True}
-    if flavour == "int8":
-        return QuantType.QInt8, common | {"ActivationSymmetric": True, "WeightSymmetric": True}
-    if flavour == "int8-cpu":
-        return QuantType.QUInt8, common | {"ActivationSymmetric": False, "WeightSymmetric": True}
-    raise ConfigError(f"unknown int8 flavour '{flavour}'; choose int8 (TensorRT) or int8-cpu (ONNX Runtime)")
-
-
 def quantize_int8(fp32: str | os.PathLike, dst: str | os.PathLike, flavour: str, calib: np.ndarray,
                   method: str = "percentile", work: str | os.PathLike | None = None,
-                  progress: bool = False) -> dict:
-    """Quantize ``fp32`` into ``dst`` (QDQ, per-channel weights on axis 0).
+                  progress: bool = False, keep_float: tuple[str, ...] = (),
+                  overflow_fix: str | None = None) -> dict:
+    """Quantize ``fp32`` into ``dst`` in one call (QDQ, per-channel weights on axis 0).
+
+    The building blocks are in :mod:`export.qdq`; the export pipeline drives them itself so that
+    it can measure layers and fall back. This is for callers that want one file (bench/).
 
     Args:
         fp32: the BN-folded FP32 ONNX file.
@@ -143,6 +111,8 @@ def quantize_int8(fp32: str | os.PathLike, dst: str | os.PathLike, flavour: str,
         calib: calibration inputs (N, 3, H, W) float32, preprocessed like serving.
         method: ``entropy`` | ``percentile`` | ``minmax``.
         work: scratch directory for ORT's pre-processed model and calibration files.
+        keep_float: Conv/Gemm node names left in float.
+        overflow_fix: see :data:`export.qdq.OVERFLOW_FIXES`; default: the flavour's.
 
     Returns:
         ``{"method", "images", "seconds"}``.
@@ -150,46 +120,13 @@ def quantize_int8(fp32: str | os.PathLike, dst: str | os.PathLike, flavour: str,
     Raises:
         ConfigError: unknown flavour or method; ExportError: ORT's quantizer failed.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from export import qdq
 
-    if method not in CALIB_METHODS:
-        raise ConfigError(f"unknown --calib-method '{method}'; choose one of {', '.join(CALIB_METHODS)}")
-    activation, extra = _quant_options(flavour)
-    ops = ["Conv", "Gemm", "Add", "Relu", "MaxPool"] if flavour == "int8" else None
-    calibrate_method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
-                        "minmax": CalibrationMethod.MinMax}[method]
-    work = Path(work or Path(dst).parent)
-    pre, ranges = work / f".{Path(dst).stem}.pre.onnx", work / f".{Path(dst).stem}.ranges.json"
     t0 = time.perf_counter()
-    try:
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        reader = _Reader(calib, onnx.load(str(pre), load_external_data=False).graph.input[0].name,
-                         batch=min(16, len(calib)), progress=progress)
-        # Ranges are computed here rather than inside quantize_static because quantize_static
-        # cannot set the histogram size, and its entropy default (128 bins for 128 quantized
-        # bins) leaves KL one candidate threshold: the max, i.e. exactly MinMax (measured: the
-        # two produced byte-identical files). 2048 bins is TensorRT's entropy calibrator setting.
-        calibrator = create_calibrator(
-            pre, ops, augmented_model_path=str(work / f".{Path(dst).stem}.augmented.onnx"),
-            calibrate_method=calibrate_method,
-            extra_options={"symmetric": flavour == "int8"} | ({} if method == "minmax" else {"num_bins": 2048}))
-        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints calibration chatter
-            calibrator.collect_data(reader)
-            save_tensors_data(calibrator.compute_data(), ranges)
-            del calibrator
-            quantize_static(
-                str(pre), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=activation, weight_type=QuantType.QInt8, calibrate_method=calibrate_method,
-                op_types_to_quantize=ops, extra_options=extra, calibration_cache_path=str(ranges))
-    except (ConfigError, ExportError):
-        raise
-    except Exception as e:
-        raise ExportError(f"{flavour} quantization failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-    finally:
-        for leftover in (pre, ranges, *work.glob(f".{Path(dst).stem}.augmented*")):
-            leftover.unlink(missing_ok=True)
+    work = Path(work or Path(dst).parent)
+    with qdq.Prepared(fp32, work, Path(dst).stem) as prepared:
+        ranges = prepared.ranges(flavour, calib, method, progress)
+        prepared.write(dst, flavour, ranges, method, keep_float=keep_float, overflow_fix=overflow_fix)
     return {"method": method, "images": int(len(calib)), "seconds": round(time.perf_counter() - t0, 2)}
 
 
