@@ -271,7 +271,15 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     calls = {}
     for variant in args.variants:
-        q, seconds, kwargs = _nncf_quantize(onnx.load(str(fp32_path)), calib, input_name, variant)
+        try:
+            q, seconds, kwargs = _nncf_quantize(onnx.load(str(fp32_path)), calib, input_name, variant)
+        except Exception as e:  # an NNCF failure is a result too (recorded, not hidden)
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            print(f"nncf {variant} FAILED: {error}", file=sys.stderr)
+            calls[variant] = {"error": error}
+            rows.append({"model": f"nncf {variant}", "kind": f"nncf-{variant}", "error": error,
+                         "gate_top1": None, "quantize_s": None})
+            continue
         path = out / f"model.nncf-{variant}.onnx"
         onnx.save(q, str(path))
         forms[f"nncf-{variant}"] = qdq_form(q)
@@ -288,6 +296,9 @@ def run(args) -> int:
     print(head)
     print("-" * len(head))
     for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<32} FAILED: {r['error'][:120]}")
+            continue
         g = "-" if r["gate_top1"] is None else f"{r['gate_top1']:.2f}"
         s = "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}"
         print(f"{r['model']:<32} {r['top1']:>8.2f} {r['top1_agreement']:>8.2f} {r['disagreements']:>8d} "
@@ -317,7 +328,7 @@ def run(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 1 if mismatched else 0
+    return 1 if mismatched or any("error" in r for r in rows) else 0
 
 
 def _variants(text: str) -> list[str]:
