@@ -230,7 +230,10 @@ def _nncf_quantize(fp32_model, calib: np.ndarray, input_name: str, variant: str)
         kwargs["advanced_parameters"] = AdvancedQuantizationParameters(disable_bias_correction=True)
     t0 = time.perf_counter()
     q = nncf.quantize(fp32_model, dataset, **kwargs)
-    return q, round(time.perf_counter() - t0, 2), {k: str(v) for k, v in kwargs.items()}
+    call = {k: str(v) for k, v in kwargs.items()}
+    if "advanced_parameters" in call:
+        call["advanced_parameters"] = "AdvancedQuantizationParameters(disable_bias_correction=True)"
+    return q, round(time.perf_counter() - t0, 2), call
 
 
 def run(args) -> int:
