@@ -11,7 +11,9 @@ service does: softmax per crop, probabilities averaged over the crops (in float6
 * ``pytorch-cuda`` ``fp32`` / ``fp16``: the same ``model.pt`` on the GPU (fp32 with PyTorch's default
   cuDNN TF32 setting, fp16 by ``model.half()``), only where torch sees a CUDA GPU;
 * ``onnxruntime`` on the CPU provider, one row per ONNX file in the manifest (fp32, fp16, int8,
-  int8-cpu: int8 is TensorRT's symmetric form, which ORT runs too, only slower);
+  int8-cpu: int8 is TensorRT's symmetric form, which ORT runs too, only slower, and on x86 CPUs
+  without VNNI less accurately: its fused u8s8 kernels saturate where TensorRT does not, so the
+  export gate judges that file by its exact Q/DQ semantics instead, docs/design.md#int8);
 * ``tensorrt``, one row per engine in the manifest, when TensorRT and a matching GPU are usable
   (otherwise the reason is printed and the rows are left out, never replaced by something else);
 

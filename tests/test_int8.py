@@ -159,3 +159,10 @@ def test_bare_state_dict_exports_with_only_a_flat_folder_of_images(digits_run: P
     assert rows["fp32"]["top1"] is None and rows["fp32"]["top1_agreement"] == 100.0
     assert rows["int8-cpu"]["within_budget"] and rows["int8-cpu"]["top1_agreement"] >= 98
     assert json.loads((out / "labels.json").read_text()) == [str(i) for i in range(10)]
+
+
+def test_cli_choices_match_the_library():
+    """export/cli.py spells the choices out (importing onnx would slow `--help`); they must agree."""
+    from export import cli
+
+    assert cli.OVERFLOW_FIXES == qdq.OVERFLOW_FIXES and cli.SENSITIVITY_MODES == int8.SENSITIVITY_MODES
