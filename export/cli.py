@@ -97,7 +97,7 @@ def register(sub) -> None:
     g.add_argument("--no-fallback", dest="fallback", action="store_false",
                    help="fail instead of keeping the most sensitive layers in float when INT8 misses its budget")
     g.add_argument("--max-float-layers", type=non_negative_int, default=5, metavar="N",
-                   help="at most N Conv/Gemm layers kept in float by the fallback (default 5)")
+                   help="at most N Conv/Gemm layers in float after the fallback, --keep-float ones included (default 5)")
     g.add_argument("--keep-float", type=_names, default=[], metavar="NAME,…",
                    help="layers always kept in float, by module name (e.g. conv1,fc) or ONNX node name")
     g.add_argument("--overflow-fix", choices=OVERFLOW_FIXES,

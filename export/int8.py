@@ -90,7 +90,7 @@ def resolve_layers(names: list[str], layers: list[qdq.Layer]) -> list[str]:
     bad = [n for n in names if n not in by_name]
     if bad:
         raise ConfigError(f"--keep-float {','.join(bad)}: no such Conv/Gemm layer; choose from "
-                          f"{', '.join(display_name(l) for l in layers[:8])}, … (see sensitivity.json)")
+                          f"{', '.join(display_name(l) for l in layers[:8])}, … (--report-only lists every layer)")
     return list(dict.fromkeys(by_name[n] for n in names))
 
 
