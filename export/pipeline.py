@@ -225,6 +225,7 @@ def run_export(o: ExportOptions) -> dict:
     if out.exists() and (not out.is_dir() or (not (out / MANIFEST).exists() and any(out.iterdir()))):
         raise ConfigError(f"{out} exists and is not an artifact directory; choose another --out")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    interrupted = _InterruptFlag()
     try:
         tmp.mkdir(parents=True)
         manifest = _build(o, r, pre, labels, gate_split, eval_spec, calib_spec, out, tmp, timings, progress, trt)
@@ -240,8 +241,10 @@ def run_export(o: ExportOptions) -> dict:
             raise AccuracyGateError(f"over accuracy budget: {', '.join(failed)} (table above); nothing was "
                                     f"written to {out}. Try more --calib-images, --max-float-layers or --keep-float "
                                     f"(sensitivity table above), or pass --accept-accuracy-drop")
+        interrupted.check()  # a library that swallowed the KeyboardInterrupt must not get us to install
         _install(tmp, out)
     finally:
+        interrupted.restore()
         shutil.rmtree(tmp, ignore_errors=True)
     if o.bento_model is not None:
         from export.bento import save_bento_model
@@ -409,6 +412,38 @@ def _engines(o, trt, tmp: Path, pre, timings) -> list[dict]:
         entries.append({"kind": "engine", "precision": p, **_file_entry(tmp, name), "backends": ["tensorrt"],
                         "onnx": onnx_file(p), **stamp})
     return entries
+
+
+class _InterruptFlag:
+    """Ctrl-C raises KeyboardInterrupt as usual *and* is remembered until the export ends.
+
+    A call into a third-party library may catch the KeyboardInterrupt and carry on; once, a full
+    test run saw an export signalled right after writing model.fp32.onnx exit 0 and install. The
+    flag is checked again just before the install, so an interrupted export never replaces ``--out``.
+    """
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.hit, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _install(tmp: Path, out: Path) -> None:

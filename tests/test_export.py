@@ -152,6 +152,7 @@ def test_interrupted_export_leaves_previous_dir_intact(digits_run: Path, digits_
         while not list(tmp_path.glob(".digits.tmp-*/model.fp32.onnx")) and proc.poll() is None:
             assert time.monotonic() < end, "export never started writing"
             time.sleep(0.02)
+        assert proc.poll() is None, "the export finished before it could be interrupted"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
