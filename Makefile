@@ -29,11 +29,11 @@ demo: setup                              ## train (if needed), evaluate and expo
 	$(BIN)/resdeploy eval $(RUN)/best.pt --dataset digits --tta ten_crop --json $(RUN)/eval-ten_crop.json
 	$(BIN)/resdeploy export $(RUN)/best.pt --out $(ARTIFACTS) --calib-data digits
 
-export: setup                            ## export RUN/best.pt: fp32, fp16, int8, int8-cpu behind the accuracy gate
+export: setup                            ## export RUN/best.pt: every flavour (fp32, fp16, both int8 forms) behind the accuracy gate
 	$(BIN)/resdeploy export $(RUN)/best.pt --out $(ARTIFACTS) --calib-data digits
 
 gpu-check:                               ## on a GPU host with '.[gpu]': TensorRT vs ONNX Runtime on ARTIFACTS
-	$(BIN)/python -m export.gpu_check $(ARTIFACTS)
+	$(BIN)/python -m bench.gpu_check $(ARTIFACTS)
 
 models: setup                            ## list architectures, parameters, GFLOPs
 	$(BIN)/resdeploy models

@@ -3,7 +3,7 @@
     python bench/accuracy.py artifacts/digits --dataset digits [--limit N] [--json OUT]
 
 Every row sees the same images, preprocessed once per TTA mode with exactly the serving code
-(``serving.preprocess.preprocess`` with the manifest's constants), and scores them the way the
+(``core.preprocess.preprocess`` with the manifest's constants), and scores them the way the
 service does: softmax per crop, probabilities averaged over the crops (in float64). Rows:
 
 * ``pytorch`` ``fp32``: the unfolded ``model.pt`` on the CPU, the reference every other row is
@@ -30,19 +30,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runs as `python bench/accuracy.py` from anywhere
 
-import argparse  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench.common import format_table, machine_header, machine_info, run_reporting_errors, write_results  # noqa: E402
+from core.errors import ArtifactError, BackendError, ConfigError, DatasetError  # noqa: E402
+from core.flavours import FP32, PYTORCH  # noqa: E402
+from core.manifest import Manifest, read_manifest, verify_file  # noqa: E402
+from core.preprocess import TTA_MODES, PreprocessConfig  # noqa: E402
+from core.scores import softmax, top_k_indices  # noqa: E402
 from resdeploy.cli import OneLineParser  # noqa: E402
-from resdeploy.errors import ArtifactError, BackendError, ResdeployError  # noqa: E402
-from serving.artifacts import read_manifest, verify_file  # noqa: E402
-from serving.preprocess import TTA_MODES, PreprocessConfig, preprocess  # noqa: E402
-
-from bench.common import format_table, machine_header, machine_info, write_results  # noqa: E402
 
 PROG = "bench/accuracy.py"
 DEFAULT_JSON = os.path.join("bench", "results", "accuracy.json")
@@ -50,93 +49,52 @@ COLUMNS = ["backend", "precision", "tta", "top1", "top5", "delta_top1", "top1_ag
            "max_logit_diff", "n"]
 
 
-# --------------------------------------------------------------------------- data
-
-def select_images(split, limit: int | None, seed: int):
-    """The evaluated images: all of ``split``, or a seeded random ``limit`` of them (sorted indices)."""
-    from training.data import Split
-
-    if limit is None or limit >= len(split):
-        return split
-    idx = np.sort(np.random.default_rng(seed).choice(len(split), size=limit, replace=False))
-    return Split(split.labels[idx], None if split.images is None else split.images[idx],
-                 None if split.paths is None else [split.paths[i] for i in idx])
-
-
-def iter_batches(split, cfg: PreprocessConfig, tta: str, batch_images: int):
-    """Yield ``(crops, n_crops)``: (k * n_crops, 3, c, c) float32 for k images at a time."""
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # Pillow releases the GIL
-        for start in range(0, len(split), batch_images):
-            idx = range(start, min(start + batch_images, len(split)))
-            crops = list(pool.map(lambda i: preprocess(split.image(i), cfg, tta), idx))
-            yield np.concatenate(crops), crops[0].shape[0]
-
-
 # --------------------------------------------------------------------------- backends
 
-def _tensorrt_skip_reason() -> str | None:
-    """Why TensorRT engines cannot run here, or None when TensorRT, pycuda and a GPU are present."""
-    try:
-        import importlib
-
-        importlib.import_module("tensorrt")
-        import pycuda.driver as cuda
-
-        cuda.init()
-        if cuda.Device.count() == 0:
-            return "no CUDA device visible"
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-    return None
-
-
-def load_backends(directory: Path, manifest: dict, threads: int | None, log) -> list:
+def load_backends(directory: Path, manifest: Manifest, threads: int | None, log) -> list:
     """``[(backend, precision, activated Backend)]``, the PyTorch reference first.
 
     Raises:
         ArtifactError: no ``model.pt`` entry, a missing file or a hash mismatch.
         BackendError: the reference or an ONNX file cannot be loaded (an artifact that should run).
     """
-    from serving.backends.onnxruntime import OnnxRuntimeBackend
-    from training.torch_backend import TorchBackend
-
-    entries = manifest["artifacts"]
-    ref = next((e for e in entries if e.get("kind") == "pytorch" and e["precision"] == "fp32"), None)
-    if ref is None:
-        raise ArtifactError(f"{directory} has no PyTorch reference (model.pt) in its manifest; "
-                            "re-export it with `resdeploy export`")
-    weights = verify_file(directory, ref)
-    out = [("pytorch", "fp32", TorchBackend(weights, manifest, device="cpu").activate())]
     import torch
 
+    from backends.onnxruntime import OnnxRuntimeBackend
+    from backends.pytorch import TorchBackend
+    from backends.tensorrt import TensorRTBackend, tensorrt_status
+
+    if not manifest.has(FP32.name, PYTORCH):
+        raise ArtifactError(f"{directory} has no PyTorch reference (model.pt) in its manifest; "
+                            "re-export it with `resdeploy export`")
+    weights = verify_file(directory, manifest.find(FP32.name, PYTORCH))
+    loaded = [("pytorch", FP32.name, TorchBackend(weights, manifest.crop, device="cpu").activate())]
     if torch.cuda.is_available():
         for half in (False, True):
-            b = TorchBackend(weights, manifest, device="cuda", half=half)
-            out.append(("pytorch-cuda", b.precision, b.activate()))
+            backend = TorchBackend(weights, manifest.crop, device="cuda", half=half)
+            loaded.append(("pytorch-cuda", backend.precision, backend.activate()))
     else:
         log("pytorch-cuda: skipped (torch.cuda.is_available() is False)")
-    for e in entries:
-        if e.get("kind", "onnx") == "onnx":
-            b = OnnxRuntimeBackend(verify_file(directory, e), e["precision"], ["CPUExecutionProvider"], threads)
-            out.append(("onnxruntime", e["precision"], b.activate()))
-    engines = [e for e in entries if e.get("kind") == "engine"]
+    for entry in manifest.entries("onnx"):
+        backend = OnnxRuntimeBackend(verify_file(directory, entry), entry.precision, ["CPUExecutionProvider"],
+                                     threads)
+        loaded.append(("onnxruntime", entry.precision, backend.activate()))
+    engines = manifest.entries("engine")
     if not engines:
         log("tensorrt: skipped (no engines in the manifest; export with --trt on a GPU host)")
-        return out
-    reason = _tensorrt_skip_reason()
-    if reason:
+        return loaded
+    usable, reason = tensorrt_status(inference=True)
+    if not usable:
         log(f"tensorrt: skipped {len(engines)} engine(s): TensorRT not usable here ({reason})")
-        return out
-    from serving.backends.tensorrt import TensorRTBackend
-
-    for e in engines:
+        return loaded
+    for entry in engines:
         try:
-            b = TensorRTBackend(verify_file(directory, e), e["precision"], e).activate()
-        except (BackendError, ArtifactError) as err:  # e.g. an engine built for another GPU
-            log(f"tensorrt {e['precision']}: skipped ({err})")
+            backend = TensorRTBackend(verify_file(directory, entry), entry.precision, entry.stamp).activate()
+        except (BackendError, ArtifactError) as e:  # e.g. an engine built for another GPU
+            log(f"tensorrt {entry.precision}: skipped ({e})")
             continue
-        out.append(("tensorrt", e["precision"], b))
-    return out
+        loaded.append(("tensorrt", entry.precision, backend))
+    return loaded
 
 
 def infer(backend, batch: np.ndarray) -> np.ndarray:
@@ -145,19 +103,18 @@ def infer(backend, batch: np.ndarray) -> np.ndarray:
     return np.concatenate([backend.infer(batch[i:i + step]) for i in range(0, len(batch), step)])
 
 
-def softmax64(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(backends: list, split, cfg: PreprocessConfig, ttas: list[str], batch_images: int = 64,
              progress: bool = False) -> list[dict]:
-    """One row per backend x precision x TTA; ``backends[0]`` is the reference."""
+    """One row per backend x precision x TTA; ``backends[0]`` is the reference.
+
+    Crops come from :func:`training.evaluate.iter_crops` (the serving preprocessing), scored as the
+    service scores them: softmax per crop, averaged over each image's crops, in float64.
+    """
     from tqdm import tqdm
+
+    from training.evaluate import iter_crops
 
     rows = []
     labels = np.asarray(split.labels)
@@ -165,23 +122,23 @@ def evaluate(backends: list, split, cfg: PreprocessConfig, ttas: list[str], batc
         probs = [[] for _ in backends]
         max_diff = [0.0] * len(backends)
         bar = tqdm(total=len(split), desc=tta, unit="img", disable=not progress, leave=False)
-        for crops, n_crops in iter_batches(split, cfg, tta, batch_images):
+        for crops, batch_labels in iter_crops(split, cfg, tta, batch_images):
+            n_crops = len(crops) // len(batch_labels)
             ref_logits = None
-            for j, (_, _, b) in enumerate(backends):
-                logits = infer(b, crops)
+            for j, (_, _, backend) in enumerate(backends):
+                logits = infer(backend, crops).astype(np.float64)
                 if ref_logits is None:
                     ref_logits = logits
-                max_diff[j] = max(max_diff[j], float(np.max(np.abs(logits.astype(np.float64) - ref_logits))))
-                p = softmax64(logits)
-                probs[j].append(p.reshape(-1, n_crops, p.shape[1]).mean(axis=1))
-            bar.update(len(crops) // n_crops)
+                max_diff[j] = max(max_diff[j], float(np.max(np.abs(logits - ref_logits))))
+                crop_probs = softmax(logits)
+                probs[j].append(crop_probs.reshape(-1, n_crops, crop_probs.shape[1]).mean(axis=1))
+            bar.update(len(batch_labels))
         bar.close()
         ref_pred = None
         ref_top1 = None
         for j, (name, precision, _) in enumerate(backends):
-            p = np.concatenate(probs[j])
-            k = min(5, p.shape[1])
-            topk = np.argsort(-p, axis=1, kind="stable")[:, :k]
+            image_probs = np.concatenate(probs[j])
+            topk = top_k_indices(image_probs, min(5, image_probs.shape[1]))
             pred = topk[:, 0]
             top1 = 100.0 * float(np.mean(pred == labels))
             top5 = 100.0 * float(np.mean((topk == labels[:, None]).any(axis=1)))
@@ -199,92 +156,90 @@ def evaluate(backends: list, split, cfg: PreprocessConfig, ttas: list[str], batc
 
 def table(rows: list[dict]) -> str:
     """The printed table; logit differences in scientific notation (1e-5 would print as 0.000)."""
-    shown = [r | {"max_logit_diff": f"{r['max_logit_diff']:.2e}",
-                  "delta_top1": f"{r['delta_top1']:+.2f}"} for r in rows]
+    shown = [row | {"max_logit_diff": f"{row['max_logit_diff']:.2e}",
+                    "delta_top1": f"{row['delta_top1']:+.2f}"} for row in rows]
     return format_table(shown, COLUMNS)
 
 
 # --------------------------------------------------------------------------- CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Top-1/top-5 of every backend and precision of an artifact "
-                      "directory vs the PyTorch FP32 reference, with the serving preprocessing.")
-    p.add_argument("directory", metavar="DIR", help="artifact directory written by `resdeploy export`")
-    p.add_argument("--dataset", required=True, metavar="D",
-                   help="digits, cifar10 or a directory (CIFAR-10 batches or ImageFolder); its test split is used")
-    p.add_argument("--data-root", default="data", help="where cifar10 lives (default: data)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="evaluate a seeded random subset of N test images (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: 0)")
-    p.add_argument("--tta", default=",".join(TTA_MODES),
-                   help=f"comma-separated TTA modes from {', '.join(TTA_MODES)} (default: both)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
-    p.add_argument("--batch-images", type=int, default=64, help="images per inference batch (default: 64)")
-    p.add_argument("--json", default=DEFAULT_JSON, metavar="OUT", help=f"results file (default: {DEFAULT_JSON})")
-    p.add_argument("--csv", default=None, metavar="OUT", help="also write the rows as CSV")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog=PROG, description="Top-1/top-5 of every backend and precision of an artifact "
+                           "directory vs the PyTorch FP32 reference, with the serving preprocessing.")
+    parser.add_argument("directory", metavar="DIR", help="artifact directory written by `resdeploy export`")
+    parser.add_argument("--dataset", required=True, metavar="D",
+                        help="digits, cifar10 or a directory (CIFAR-10 batches or ImageFolder); its test split is used")
+    parser.add_argument("--data-root", default="data", help="where cifar10 lives (default: data)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="evaluate a seeded random subset of N test images (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: 0)")
+    parser.add_argument("--tta", default=",".join(TTA_MODES),
+                        help=f"comma-separated TTA modes from {', '.join(TTA_MODES)} (default: both)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
+    parser.add_argument("--batch-images", type=int, default=64, help="images per inference batch (default: 64)")
+    parser.add_argument("--json", default=DEFAULT_JSON, metavar="OUT", help=f"results file (default: {DEFAULT_JSON})")
+    parser.add_argument("--csv", default=None, metavar="OUT", help="also write the rows as CSV")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _ttas(text: str) -> list[str]:
+    ttas = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in ttas if t not in TTA_MODES]
+    if unknown or not ttas:
+        raise ConfigError(f"unknown --tta {','.join(unknown) or repr(text)}; choose from {', '.join(TTA_MODES)}")
+    return ttas
 
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate every backend x precision x TTA; print the table, write the JSON. Returns the exit status."""
     args = build_parser().parse_args(argv)
-    err = lambda msg: print(f"{PROG}: error: {msg}", file=sys.stderr)  # noqa: E731
+    return run_reporting_errors(PROG, lambda: _run(args))
+
+
+def _run(args) -> int:
     skipped: list[str] = []  # printed now, recorded in the JSON's meta
 
     def log(msg: str) -> None:
         skipped.append(msg)
         print(msg, file=sys.stderr, flush=True)
 
-    ttas = [t.strip() for t in args.tta.split(",") if t.strip()]
-    bad = [t for t in ttas if t not in TTA_MODES]
-    if bad or not ttas:
-        err(f"unknown --tta {','.join(bad) or repr(args.tta)}; choose from {', '.join(TTA_MODES)}")
-        return 2
+    ttas = _ttas(args.tta)
     for flag, value in (("--limit", args.limit), ("--batch-images", args.batch_images)):
         if value is not None and value <= 0:
-            err(f"{flag} must be a positive integer, got {value}")
-            return 2
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
     if args.threads < 0:
-        err(f"--threads must be >= 0 (0: ONNX Runtime's default), got {args.threads}")
-        return 2
+        raise ConfigError(f"--threads must be >= 0 (0: ONNX Runtime's default), got {args.threads}")
     directory = Path(args.directory)
-    t0 = time.perf_counter()
-    try:
-        if not directory.is_dir():
-            raise ArtifactError(f"artifact directory {directory} does not exist; create one with "
-                                "`resdeploy export CKPT --arch A --out DIR`")
-        manifest = read_manifest(directory)
-        cfg = PreprocessConfig.from_dict(manifest["preprocess"])
-        from training.data import load_dataset
+    start = time.perf_counter()
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist; create one with "
+                            "`resdeploy export CKPT --arch A --out DIR`")
+    manifest = read_manifest(directory)
+    cfg = manifest.preprocess_config
+    from training.data import load_dataset
 
-        data = load_dataset(args.dataset, data_root=args.data_root, input_size=cfg.input_size)
-        if len(data.classes) != manifest["num_classes"]:
-            raise ResdeployError(f"dataset {args.dataset!r} has {len(data.classes)} classes but the model in "
-                                 f"{directory} has {manifest['num_classes']}; pass the dataset it was trained on")
-        split = select_images(data.test, args.limit, args.seed)
-        backends = load_backends(directory, manifest, args.threads or None, log)
-        try:
-            rows = evaluate(backends, split, cfg, ttas, args.batch_images,
-                            progress=not args.no_progress and sys.stderr.isatty())
-        finally:
-            for _, _, b in backends:
-                b.deactivate()
-    except ResdeployError as e:
-        err(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return 2
-    except KeyboardInterrupt:
-        err("interrupted")
-        return 130
+    data = load_dataset(args.dataset, data_root=args.data_root, input_size=cfg.input_size)
+    if len(data.classes) != manifest.num_classes:
+        raise DatasetError(f"dataset {args.dataset!r} has {len(data.classes)} classes but the model in "
+                           f"{directory} has {manifest.num_classes}; pass the dataset it was trained on")
+    split = data.test.sample(args.limit, args.seed)
+    backends = load_backends(directory, manifest, args.threads or None, log)
+    try:
+        rows = evaluate(backends, split, cfg, ttas, args.batch_images,
+                        progress=not args.no_progress and sys.stderr.isatty())
+    finally:
+        for _, _, backend in backends:
+            backend.deactivate()
     machine = machine_info()
-    meta = {"artifacts": str(directory.resolve()), "arch": manifest["arch"], "dataset": args.dataset,
+    meta = {"artifacts": str(directory.resolve()), "arch": manifest.arch, "dataset": args.dataset,
             "split": "test", "images": len(split), "limit": args.limit, "seed": args.seed, "tta": ttas,
             "preprocess": cfg.to_dict(), "reference": "pytorch fp32",
             "onnxruntime_providers": ["CPUExecutionProvider"],
             "tta_scoring": "softmax per crop, averaged over crops (float64)",
-            "skipped": skipped, "seconds": round(time.perf_counter() - t0, 2)}
-    print(f"accuracy: {manifest['arch']} from {directory} on {args.dataset} test "
-          f"({len(split)} images{f', seeded subset {args.seed}' if args.limit and len(split) < len(data.test) else ''})")
+            "skipped": skipped, "seconds": round(time.perf_counter() - start, 2)}
+    subset = f", seeded subset {args.seed}" if len(split) < len(data.test) else ""
+    print(f"accuracy: {manifest.arch} from {directory} on {args.dataset} test ({len(split)} images{subset})")
     print(machine_header(machine, args.threads or None))
     print(table(rows))
     write_results(rows, args.json, args.csv, meta, machine)

@@ -18,6 +18,9 @@ import time
 
 import numpy as np
 
+from core.flavours import flavour
+from core.timing import time_calls
+
 # (M, K, N) GEMMs: ResNet-50 3x3 convs at batch 10 after im2col (28x28x10 rows, 3*3*128 deep, 128
 # out; 14x14x10 rows, 3*3*256 deep, 256 out) and a square one.
 SHAPES = ((7840, 1152, 128), (1960, 2304, 256), (2048, 2048, 2048))
@@ -58,25 +61,19 @@ def _session(m: int, k: int, n: int, int8: bool, threads: int, rng):
 def gemm_rate(m: int, k: int, n: int, int8: bool, threads: int, iters: int = 5) -> float:
     """Median GMAC/s of one ``(m, k) x (k, n)`` ORT GEMM over ``iters`` runs after 2 warm-ups."""
     sess, feed = _session(m, k, n, int8, threads, np.random.default_rng(0))
-    for _ in range(2):
-        sess.run(None, feed)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return m * k * n / float(np.median(times)) / 1e9
+    ms = time_calls(lambda: sess.run(None, feed), budget_s=0.0, warmup=2, min_iters=iters, max_iters=iters)
+    return m * k * n / (float(np.median(ms)) / 1000.0) / 1e9
 
 
 def measure(threads: int, quick: bool = False) -> dict:
     """``{"fp32": GMAC/s, "int8": GMAC/s, "shapes": [...], "threads": n, "seconds": s}``, best shape each."""
     t0 = time.perf_counter()
     shapes = QUICK_SHAPES if quick else SHAPES
-    out = {"fp32": 0.0, "int8": 0.0}
+    rates = {"fp32": 0.0, "int8": 0.0}
     for shape in shapes:
-        for kind in out:
-            out[kind] = max(out[kind], gemm_rate(*shape, int8=kind == "int8", threads=threads))
-    return {"fp32_gmac_per_s": round(out["fp32"], 1), "int8_gmac_per_s": round(out["int8"], 1),
+        for kind in rates:
+            rates[kind] = max(rates[kind], gemm_rate(*shape, int8=kind == "int8", threads=threads))
+    return {"fp32_gmac_per_s": round(rates["fp32"], 1), "int8_gmac_per_s": round(rates["int8"], 1),
             "shapes": [list(s) for s in shapes], "threads": threads,
             "method": "ONNX Runtime MatMul (fp32) / MatMulInteger (u8 x s8), CPU provider, best shape, "
                       "median of 5 runs", "seconds": round(time.perf_counter() - t0, 2)}
@@ -84,7 +81,7 @@ def measure(threads: int, quick: bool = False) -> dict:
 
 def kind_of(precision: str) -> str:
     """Which GEMM rate bounds a row of this precision on the CPU (fp16 runs as fp32 on x86)."""
-    return "int8" if precision.startswith("int8") else "fp32"
+    return "int8" if flavour(precision).is_int8 else "fp32"
 
 
 def annotate(rows: list[dict], macs_per_image: int, ceiling: dict | None) -> None:

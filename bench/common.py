@@ -11,31 +11,11 @@ import json
 import math
 import os
 import platform
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-# The CPU features that decide which int8/bf16 kernels ONNX Runtime and PyTorch can use.
-_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return model, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and value.strip():
-            model = value.strip()
-        elif key == "flags" and not flags:
-            present = set(value.split())
-            flags = [f for f in _FLAGS if f in present]
-        if model and flags:
-            break
-    return model, flags
-
+from core.machine import cpu_model_and_flags
 
 def _version(module: str) -> str | None:
     try:
@@ -49,12 +29,12 @@ def machine_info() -> dict[str, Any]:
     """The hardware and library versions a benchmark ran on (no hostname).
 
     Returns:
-        ``cpu_model``, ``cpu_flags`` (subset of AVX2/AVX-512/VNNI/AMX), ``cpu_cores``
+        ``cpu_model``, ``cpu_flags`` (``core.machine.CPU_FLAGS``: AVX2/AVX-512/VNNI/AMX), ``cpu_cores``
         (logical, usable by this process), ``platform``, ``python``, the versions of torch,
         onnxruntime, onnx and numpy (None if not installed), ``gpu`` (CUDA device name or None)
         and ``ort_providers``.
     """
-    model, flags = _cpu_model_and_flags()
+    model, flags = cpu_model_and_flags()
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -190,3 +170,27 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[s
     out = [line([h for _, h in cols]), line(["-" * w for w in widths])]
     out += [line(row) for row in cells]
     return "\n".join(out)
+
+
+def positive_ints(text: str) -> list[int] | None:
+    """The integers of a comma-separated flag value such as ``1,10,32``, in order; ``None`` when
+    one is not an integer, is below 1, or there is none (the caller names the flag)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        return None
+    return values if values and min(values) >= 1 else None
+
+
+def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
+    """``work()``'s exit status; a :class:`core.errors.ResdeployError` becomes one line on stderr
+    and exit 2, Ctrl-C exit 130 (the ``resdeploy`` command's convention)."""
+    from core.errors import ResdeployError
+
+    try:
+        return work()
+    except (ResdeployError, KeyboardInterrupt) as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        message = "interrupted" if interrupted else "error: " + " ".join(str(error).split())
+        print(f"{prog}: {message}", file=sys.stderr)
+        return 130 if interrupted else 2

@@ -27,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import io  # noqa: E402
 import ipaddress  # noqa: E402
@@ -38,7 +37,9 @@ from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
-from bench.common import format_table, machine_header, machine_info, percentiles, write_results  # noqa: E402
+from bench.common import (format_table, machine_header, machine_info, percentiles, positive_ints,  # noqa: E402
+                          write_results)
+from resdeploy.cli import OneLineParser  # noqa: E402
 
 CROPS_METRIC = "resdeploy_crops_per_batch"  # serving/service.py: rows (crops) per engine batch
 BENTO_METRIC = "bentoml_service_adaptive_batch_size"  # BentoML: calls per adaptive batch
@@ -84,11 +85,8 @@ def check_url(url: str, allow_remote: bool) -> str:
 
 
 def parse_levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        levels = []
-    if not levels or any(c < 1 for c in levels):
+    levels = positive_ints(text)
+    if levels is None:
         raise LoadError(f"bad --concurrency {text!r}: expected positive integers, e.g. 1,8,32")
     return levels
 
@@ -298,8 +296,8 @@ def _errors_cell(errors: dict) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "0"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/load.py", description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="bench/load.py", description=__doc__.split("\n\n")[0])
     p.add_argument("url", help="service base URL, e.g. http://127.0.0.1:3000")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     p.add_argument("--requests", type=int, default=64, help="requests per level at most (default 64)")

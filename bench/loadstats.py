@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.flavours import flavour
+from core.timing import WARMUP, time_calls
 
 
 def _server_processes(port: int | None, pid: int | None) -> list:
@@ -105,24 +109,24 @@ def raw_rate(directory: str | os.PathLike, precision: str, batch: int, crops_per
     """Images/s of the served artifact run in-process on ``batch``-crop batches (at least 5 calls).
 
     Loads through :func:`serving.engine.load_model` (sha256-checked, same backend choice as the
-    server's ``auto``), so the file and session options are the ones the engine uses.
+    server's ``auto``), so the file and session options are the ones the engine uses. ``precision``
+    is the flavour the server reports (either int8 form included) or its number format.
     """
     from serving.engine import load_model
 
-    model = load_model(Path(directory), "auto", precision, 0, threads)
+    model = load_model(Path(directory), "auto", flavour(precision).number_format, 0, threads)
     try:
         size = model.preprocess.crop
         x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-        for _ in range(3):
-            model.backend.infer(x)
-        calls, c0, t0 = 0, time.process_time(), time.perf_counter()
-        while calls < 5 or time.perf_counter() - t0 < seconds:
-            model.backend.infer(x)
-            calls += 1
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        infer = partial(model.backend.infer, x)
+        for _ in range(WARMUP):  # here, not in time_calls: the CPU seconds count only timed calls
+            infer()
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        calls = len(time_calls(infer, seconds, warmup=0, min_iters=5))
+        wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
         images = calls * batch / crops_per_image
         return {"images_per_s": images / wall, "cpu_ms_per_image": 1000.0 * cpu / images,
-                "batch_crops": batch, "calls": calls, "file": model.entry["file"], "sha256": model.entry["sha256"],
+                "batch_crops": batch, "calls": calls, "file": model.entry.file, "sha256": model.entry.sha256,
                 "backend": model.backend.name, "precision": model.backend.precision}
     finally:
         model.backend.deactivate()

@@ -6,7 +6,7 @@ the NNCF side and, on the same images, the artifact's own INT8 files. Two steps,
 lives in its own virtualenv (it is a measurement tool, not a dependency of resdeploy):
 
 1. ``dump`` (the project venv): the accuracy gate's images, exactly as ``export`` sees them (the
-   held-out test split drawn with ``export.pipeline._shuffled`` and the manifest's image count,
+   held-out test split drawn with ``training.data.Split.sample`` and the manifest's image count,
    centre crop, serving preprocessing with the manifest's constants) and their labels, into an
    ``.npz``::
 
@@ -44,7 +44,6 @@ should be equal; a difference is printed).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -55,57 +54,53 @@ from pathlib import Path
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the NNCF venv has no resdeploy install; core.errors/flavours/fsutil are pure Python
+
+from core.errors import first_line  # noqa: E402
+from core.flavours import FP32, INT8, INT8_FLAVOURS  # noqa: E402
+from core.fsutil import sha256_file  # noqa: E402
+from resdeploy.cli import OneLineParser  # noqa: E402  (argparse and core.errors only)
+
 PROG = "bench/nncf_baseline.py"
 VARIANTS = ("default", "no_fast_bc", "mixed", "no_bc")
-OWN_FLAVOURS = ("int8", "int8-cpu")
+OWN_FLAVOURS = INT8_FLAVOURS
 
 
 # --------------------------------------------------------------------------- dump (project venv)
 
 def dump(art: Path, eval_data: str | None, npz: Path, data_root: str) -> int:
     """Write the gate's images (float32 NCHW, serving-preprocessed centre crops) and labels."""
-    sys.path.insert(0, ROOT)
-    from export.pipeline import _shuffled
-    from serving.artifacts import read_manifest
-    from serving.preprocess import PreprocessConfig
+    from core.manifest import read_manifest
     from training.data import load_dataset
     from training.evaluate import iter_crops
 
     manifest = read_manifest(art)
-    gate = manifest["eval"]
-    spec = eval_data or gate["dataset"]
-    if spec != gate["dataset"]:
-        print(f"warning: --eval-data {spec} but the gate measured {gate['dataset']}", file=sys.stderr)
-    pre = PreprocessConfig.from_dict(manifest["preprocess"])
+    gate_dataset = manifest.eval_dataset
+    spec = eval_data or gate_dataset
+    if spec != gate_dataset:
+        print(f"warning: --eval-data {spec} but the gate measured {gate_dataset}", file=sys.stderr)
+    pre = manifest.preprocess_config
     ds = load_dataset(spec, data_root=data_root, input_size=pre.input_size)
-    n = int(gate["images"])
-    # The gate draws _shuffled(test, --eval-images); when --eval-images >= the split, all of it.
+    n = int(manifest.eval["images"])
+    # The gate draws test.sample(--eval-images); when --eval-images >= the split, all of it.
     # The manifest records len(split), which reproduces the same draw either way.
-    split = _shuffled(ds.test, n)
+    split = ds.test.sample(n)
     if len(split) != n:
         raise SystemExit(f"{PROG}: the gate saw {n} images but {spec}'s test split gives {len(split)}")
     xs, ys = zip(*iter_crops(split, pre, "center", 50))
     images, labels = np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
     npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez(npz, images=images, labels=labels, dataset=np.array(spec), preprocess=np.array(json.dumps(
-        manifest["preprocess"])), artifact=np.array(str(art.resolve())))
+        manifest.preprocess)), artifact=np.array(str(art.resolve())))
     print(f"wrote {npz}: {images.shape} float32 images, {len(labels)} labels ({spec} test split, centre crop)")
     return 0
 
 
 # --------------------------------------------------------------------------- run (NNCF venv)
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _checked(art: Path, entry: dict) -> Path:
     p = art / entry["file"]
-    if not p.is_file() or _sha256(p) != entry["sha256"]:
+    if not p.is_file() or sha256_file(p) != entry["sha256"]:
         raise SystemExit(f"{PROG}: {p} is missing or does not match its sha256 in manifest.json")
     return p
 
@@ -245,13 +240,15 @@ def run(args) -> int:
     import onnxruntime
 
     art = Path(args.artifacts)
+    # A plain dict, not core.manifest.Manifest: that module imports core.preprocess, which needs
+    # Pillow, and the NNCF venv has only numpy, onnx, onnxruntime and nncf.
     manifest = json.loads((art / "manifest.json").read_text())
     entries = {e["precision"]: e for e in manifest["artifacts"] if e.get("kind", "onnx") == "onnx"}
     calib_entry = manifest.get("calibration")
     if not calib_entry:
         raise SystemExit(f"{PROG}: {art}/manifest.json records no calibration tensors (exported without int8?)")
     calib = np.load(_checked(art, calib_entry), allow_pickle=False).astype(np.float32)
-    fp32_path = _checked(art, entries["fp32"])
+    fp32_path = _checked(art, entries[FP32.name])
     data = np.load(args.npz, allow_pickle=False)
     images, labels = data["images"].astype(np.float32), data["labels"]
     gate = manifest.get("eval", {})
@@ -261,8 +258,8 @@ def run(args) -> int:
     fp32_model = onnx.load(str(fp32_path))
     input_name = fp32_model.graph.input[0].name
     ref = _logits(_session(fp32_path, args.threads), images)
-    rows = [{"model": "fp32 (model.fp32.onnx)", "kind": "fp32", **_row(ref, labels, ref),
-             "gate_top1": entries["fp32"].get("top1"), "quantize_s": None}]
+    rows = [{"model": f"{FP32.name} ({fp32_path.name})", "kind": FP32.name, **_row(ref, labels, ref),
+             "gate_top1": entries[FP32.name].get("top1"), "quantize_s": None}]
     forms = {}
     for flavour in OWN_FLAVOURS:
         if flavour not in entries:
@@ -270,8 +267,8 @@ def run(args) -> int:
         path = _checked(art, entries[flavour])
         model = onnx.load(str(path))
         forms[flavour] = qdq_form(model)
-        rows.append({"model": f"{flavour} (model.{flavour}.onnx)", "kind": flavour,
-                     **_row(_logits(_session(path, args.threads, fused=flavour != "int8"), images), labels, ref),
+        rows.append({"model": f"{flavour} ({path.name})", "kind": flavour,
+                     **_row(_logits(_session(path, args.threads, fused=flavour != INT8.name), images), labels, ref),
                      "gate_top1": entries[flavour].get("top1"),
                      "quantize_s": (manifest.get("timings_s") or {}).get(f"quantize_{flavour}")})
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nncf-baseline-"))
@@ -281,7 +278,7 @@ def run(args) -> int:
         try:
             q, seconds, kwargs = _nncf_quantize(onnx.load(str(fp32_path)), calib, input_name, variant)
         except Exception as e:  # an NNCF failure is a result too (recorded, not hidden)
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            error = f"{type(e).__name__}: {first_line(e)}"
             print(f"nncf {variant} FAILED: {error}", file=sys.stderr)
             calls[variant] = {"error": error}
             rows.append({"model": f"nncf {variant}", "kind": f"nncf-{variant}", "error": error,
@@ -350,7 +347,7 @@ def _variants(text: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="step", required=True)
     d = sub.add_parser("dump", help="(project venv) write the gate's images and labels to an .npz")
     d.add_argument("artifacts", help="artifact directory (manifest.json)")

@@ -14,8 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
-from resdeploy.errors import ConfigError, ExportError
-from serving.artifacts import MANIFEST, read_manifest, sha256_file
+from core.errors import ConfigError, ExportError
+from core.manifest import MANIFEST, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,10 @@ def save_bento_model(artifact_dir: Path, name: str) -> str:
         import bentoml
     except ImportError as e:  # pragma: no cover - a dependency of the package
         raise ExportError("--bento-model needs BentoML: pip install 'bentoml>=1.4,<1.5'") from e
-    metadata = {"arch": manifest["arch"], "num_classes": int(manifest["num_classes"]),
-                "precisions": [a["precision"] for a in manifest["artifacts"] if a.get("kind", "onnx") == "onnx"],
-                "manifest_sha256": sha256_file(d / MANIFEST),
-                "schema_version": manifest["schema_version"]}
-    labels = {"project": "resdeploy", "arch": manifest["arch"]}
+    metadata = {"arch": manifest.arch, "num_classes": manifest.num_classes,
+                "precisions": [a.precision for a in manifest.entries("onnx")],
+                "manifest_sha256": sha256_file(d / MANIFEST), "schema_version": manifest.schema_version}
+    labels = {"project": "resdeploy", "arch": manifest.arch}
     try:
         with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
             for src in sorted(p for p in d.rglob("*") if p.is_file()):

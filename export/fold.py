@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from resdeploy.errors import ExportError
+from core.errors import ExportError
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Budgets (defaults; Polygraphy-style tolerances per precision, the MLPerf 99% rul
 
 * fp32: top-1 agreement with PyTorch >= 99.9% and max |logit diff| <= 1e-3
 * fp16: top-1 >= 99.5% of PyTorch FP32's, agreement >= 99%
-* int8, int8-cpu: top-1 >= 99% of PyTorch FP32's, agreement >= 98% (``--int8-min-agreement``)
+* the int8 flavours: top-1 >= 99% of PyTorch FP32's, agreement >= 98% (``--int8-min-agreement``)
 
 Agreement (same top-1 class as PyTorch FP32) is always judged, so a network whose FP32 top-1 is
 0% (random weights) cannot pass vacuously, and data without labels (a folder of calibration
@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BUDGETS = {
-    "fp32": {"min_agreement": 99.9, "max_logit_diff": 1e-3},
-    "fp16": {"min_top1_ratio": 0.995, "min_agreement": 99.0},
-    "int8": {"min_top1_ratio": 0.99, "min_agreement": 98.0},
-    "int8-cpu": {"min_top1_ratio": 0.99, "min_agreement": 98.0},
-}
+from core.flavours import FLAVOURS
+from core.scores import top_k_indices
+
+BUDGETS = {name: f.budget.to_dict() for name, f in FLAVOURS.items()}  # the flavour table's defaults
 
 
 @dataclass
@@ -44,7 +42,7 @@ class Tally:
     def add(self, logits: np.ndarray, labels: np.ndarray, ref: np.ndarray | None) -> None:
         """Count one batch; labels of -1 mark unlabelled images (then only agreement is kept)."""
         k = min(5, logits.shape[1])
-        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # ties: lowest class, as argmax and serving
+        top = top_k_indices(logits, k)  # ties: lowest class, as argmax and serving
         self.labelled = self.labelled and bool((labels >= 0).all())
         self.n += len(labels)
         self.top1 += int((top[:, 0] == labels).sum())
@@ -96,10 +94,10 @@ def format_table(ref: dict, rows: dict[str, dict], verdicts: dict[str, tuple[boo
     head = f"{'artifact':<16} {'top-1 %':>8} {'top-5 %':>8} {'agree %':>8} {'max |dlogit|':>12}  budget"
     lines = [head, "-" * len(head),
              f"{'pytorch fp32':<16} {_pct(ref['top1'])} {_pct(ref['top5'])} {'-':>8} {'-':>12}  reference"]
-    for p, r in rows.items():
-        ok, rule = verdicts[p]
-        lines.append(f"{'onnx ' + p:<16} {_pct(r['top1'])} {_pct(r['top5'])} {r['top1_agreement']:>8.2f} "
-                     f"{r['max_logit_diff']:>12.3g}  {'ok' if ok else 'OVER BUDGET'}: {rule}")
+    for precision, row in rows.items():
+        ok, rule = verdicts[precision]
+        lines.append(f"{'onnx ' + precision:<16} {_pct(row['top1'])} {_pct(row['top5'])} {row['top1_agreement']:>8.2f} "
+                     f"{row['max_logit_diff']:>12.3g}  {'ok' if ok else 'OVER BUDGET'}: {rule}")
     return "\n".join(lines)
 
 

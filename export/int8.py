@@ -1,6 +1,6 @@
 """INT8 with a guarantee: quantize, judge, find the layers that cost accuracy, keep them in float.
 
-For one flavour (``int8`` or ``int8-cpu``, see :mod:`export.qdq`):
+For one int8 flavour (``core.flavours.INT8_FLAVOURS``; the forms are in :mod:`export.qdq`):
 
 1. every Conv/Gemm quantized (except ``--keep-float``), judged on the gate images against FP32;
 2. per-layer sensitivity (when a flavour misses its budget, or when asked): each layer quantized
@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from core.errors import ConfigError
 from export import qdq
 from export.gate import judge
-from resdeploy.errors import ConfigError
+from export.options import Int8Options
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -48,21 +48,6 @@ class EvalSet:
         return self if n >= len(self.x) else EvalSet(self.x[:n], self.labels[:n], self.ref[:n])
 
 
-@dataclass
-class Int8Options:
-    """The INT8 knobs of ``resdeploy export`` (defaults from docs/design.md#int8)."""
-
-    method: str = "percentile"
-    overflow_fix: str | None = None  # None: the flavour's default
-    keep_float: list[str] = field(default_factory=list)
-    fallback: bool = True
-    max_float_layers: int = 5
-    sensitivity: str = "auto"
-    sensitivity_images: int = 500
-    progress: bool = False
-    budgets: dict | None = None  # overrides export.gate.BUDGETS
-
-
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when identical)."""
     noise = float(np.sum((ref.astype(np.float64) - test) ** 2))
@@ -70,12 +55,12 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if noise == 0 else round(10 * np.log10(max(signal, 1e-30) / noise), 2)
 
 
-def score(logits: np.ndarray, ev: EvalSet) -> dict:
+def score(logits: np.ndarray, images: EvalSet) -> dict:
     """Gate-style row: top-1 (labelled data only), agreement with FP32, logit SQNR."""
     pred = logits.argmax(1)
-    row = {"top1": round(100 * float((pred == ev.labels).mean()), 4) if ev.labelled else None,
-           "top1_agreement": round(100 * float((pred == ev.ref.argmax(1)).mean()), 4),
-           "logit_sqnr_db": sqnr_db(ev.ref, logits), "n": int(len(ev.x))}
+    row = {"top1": round(100 * float((pred == images.labels).mean()), 4) if images.labelled else None,
+           "top1_agreement": round(100 * float((pred == images.ref.argmax(1)).mean()), 4),
+           "logit_sqnr_db": sqnr_db(images.ref, logits), "n": int(len(images.x))}
     return row
 
 
@@ -94,9 +79,9 @@ def resolve_layers(names: list[str], layers: list[qdq.Layer]) -> list[str]:
     return list(dict.fromkeys(by_name[n] for n in names))
 
 
-def _evaluate(path: Path, flavour: str, ev: EvalSet) -> dict:
+def _evaluate(path: Path, flavour: str, images: EvalSet) -> dict:
     sess = qdq.session(path, fused=qdq.form(flavour).fused_gate)
-    return score(qdq.run(sess, ev.x)[0], ev)
+    return score(qdq.run(sess, images.x)[0], images)
 
 
 def _with_layer_outputs(src: Path, dst: Path, layer: qdq.Layer, fp32: onnx.ModelProto) -> tuple[str, str] | None:
@@ -133,7 +118,7 @@ def _with_layer_outputs(src: Path, dst: Path, layer: qdq.Layer, fp32: onnx.Model
     return dq.output[0], twin.output[0]
 
 
-def sensitivity(prepared: qdq.Prepared, flavour: str, ranges: Path, method: str, ev: EvalSet,
+def sensitivity(prepared: qdq.Prepared, flavour: str, ranges: Path, method: str, images: EvalSet,
                 layers: list[qdq.Layer], overflow_fix: str | None, progress: bool = False) -> list[dict]:
     """Each layer quantized alone: effect on the gate metric and SQNR of its own output.
 
@@ -150,27 +135,27 @@ def sensitivity(prepared: qdq.Prepared, flavour: str, ranges: Path, method: str,
             prepared.write(scratch, flavour, ranges, method, only=[layer.name], overflow_fix=overflow_fix)
             names = _with_layer_outputs(scratch, probe, layer, fp32)
             sess = qdq.session(probe if names else scratch, fused=qdq.form(flavour).fused_gate)
-            outs = qdq.run(sess, ev.x, outputs=[sess.get_outputs()[0].name, *(names or [])])
+            outs = qdq.run(sess, images.x, outputs=[sess.get_outputs()[0].name, *(names or [])])
             row = {"layer": display_name(layer), "node": layer.name, "op": layer.op, "macs": layer.macs,
-                   **score(outs[0], ev)}
+                   **score(outs[0], images)}
             row["output_sqnr_db"] = sqnr_db(outs[2], outs[1]) if names else None
-            if ev.labelled:
-                row["top1_change"] = 0.0 + round(row["top1"] - 100 * float((ev.ref.argmax(1) == ev.labels).mean()), 4)
+            if images.labelled:
+                row["top1_change"] = 0.0 + round(row["top1"] - 100 * float((images.ref.argmax(1) == images.labels).mean()), 4)
             rows.append(row)
     finally:
         scratch.unlink(missing_ok=True)
         probe.unlink(missing_ok=True)
-    return sorted(rows, key=lambda r: (r["top1_agreement"], r["logit_sqnr_db"]))
+    return sorted(rows, key=lambda row: (row["top1_agreement"], row["logit_sqnr_db"]))
 
 
 def format_sensitivity(flavour: str, rows: list[dict], limit: int | None = 12) -> str:
     head = f"{'layer (' + flavour + ')':<24} {'op':<5} {'MMACs':>8} {'agree %':>8} {'top-1 Δ':>8} {'logit dB':>9} {'out dB':>7}"
     lines = [head, "-" * len(head)]
-    for r in rows[:limit]:
-        change = "-" if r.get("top1_change") is None else f"{r['top1_change']:+.2f}"
-        out = "-" if r["output_sqnr_db"] is None else f"{r['output_sqnr_db']:.1f}"
-        lines.append(f"{r['layer']:<24} {r['op']:<5} {r['macs'] / 1e6:>8.2f} {r['top1_agreement']:>8.2f} "
-                     f"{change:>8} {r['logit_sqnr_db']:>9.1f} {out:>7}")
+    for row in rows[:limit]:
+        change = "-" if row.get("top1_change") is None else f"{row['top1_change']:+.2f}"
+        out = "-" if row["output_sqnr_db"] is None else f"{row['output_sqnr_db']:.1f}"
+        lines.append(f"{row['layer']:<24} {row['op']:<5} {row['macs'] / 1e6:>8.2f} {row['top1_agreement']:>8.2f} "
+                     f"{change:>8} {row['logit_sqnr_db']:>9.1f} {out:>7}")
     if limit is not None and len(rows) > limit:
         lines.append(f"… {len(rows) - limit} more layers in sensitivity.json")
     return "\n".join(lines)
@@ -180,68 +165,92 @@ def _better(a: dict, b: dict) -> bool:
     return (a["top1_agreement"], a["logit_sqnr_db"]) > (b["top1_agreement"], b["logit_sqnr_db"])
 
 
-def _fall_back(prepared, flavour, dst, ranges, ev, ref_row, opts, rows, keep, current, steps) -> tuple[dict, bool]:
+@dataclass
+class _Flavour:
+    """One int8 flavour being written: where, from which ranges, judged on which images."""
+
+    prepared: qdq.Prepared
+    name: str
+    dst: Path
+    ranges: Path
+    images: EvalSet
+    reference: dict  # the FP32 reference's gate row (``top1`` None on unlabelled data)
+    options: Int8Options
+
+    def write(self, keep_float: list[str]) -> None:
+        self.prepared.write(self.dst, self.name, self.ranges, self.options.method, keep_float=keep_float,
+                            overflow_fix=self.options.overflow_fix)
+
+    def measure(self) -> tuple[dict, bool]:
+        """The written file's gate row and whether it is within budget."""
+        row = _evaluate(self.dst, self.name, self.images)
+        return row, judge(self.name, row, self.reference, self.options.budgets)[0]
+
+
+def _fall_back(flavour: _Flavour, ranked: list[dict], keep: list[str], current: dict,
+               steps: list[dict]) -> tuple[dict, bool]:
     """Greedy fallback, most sensitive first; a layer stays float only if that helps.
 
     Errors spread over many layers (a barely trained network with tiny logit margins) are not
     fixed by any one float layer: a candidate that does not improve agreement (then logit SQNR)
     is put back in INT8 rather than spending float MACs on nothing. Bounded by
-    ``max_float_layers`` kept and ``3 * max_float_layers`` tries.
+    ``max_float_layers`` kept and ``3 * max_float_layers`` tries. ``keep`` grows in place.
     """
+    limit = flavour.options.max_float_layers
     ok, written = False, list(keep)
-    for r in rows[:3 * opts.max_float_layers]:
-        if ok or len(keep) >= opts.max_float_layers:
+    for candidate in ranked[:3 * limit]:
+        if ok or len(keep) >= limit:
             break
-        if r["node"] in keep:
+        if candidate["node"] in keep:
             continue
-        trial = [*keep, r["node"]]
-        prepared.write(dst, flavour, ranges, opts.method, keep_float=trial, overflow_fix=opts.overflow_fix)
-        written = trial
-        row = _evaluate(dst, flavour, ev)
-        ok, _ = judge(flavour, row, ref_row, opts.budgets)
+        written = [*keep, candidate["node"]]
+        flavour.write(written)
+        row, ok = flavour.measure()
         kept = ok or _better(row, current)
-        steps.append({"float": r["layer"], **row, "within_budget": ok, "kept": kept})
+        steps.append({"float": candidate["layer"], **row, "within_budget": ok, "kept": kept})
         if kept:
-            keep.append(r["node"])
+            keep.append(candidate["node"])
             current = row
     if written != keep:  # the last try was put back: write the file that was kept
-        prepared.write(dst, flavour, ranges, opts.method, keep_float=keep, overflow_fix=opts.overflow_fix)
+        flavour.write(keep)
     return current, ok
 
 
-def build(prepared: qdq.Prepared, flavour: str, dst: Path, calib: np.ndarray, ev: EvalSet,
+def build(prepared: qdq.Prepared, flavour: str, dst: Path, calib: np.ndarray, images: EvalSet,
           ref_row: dict, opts: Int8Options) -> dict:
     """Quantize ``flavour`` into ``dst`` and, if it misses its budget, fall back layer by layer.
 
     Args:
+        images: the gate images with FP32's logits.
         ref_row: the FP32 reference's gate row (``top1`` may be None for unlabelled data).
 
     Returns:
         A report: ``before`` and ``after`` rows, ``float_layers``, ``int8_mac_share``, the
         sensitivity rows (if computed), the fallback ``steps`` and ``seconds``.
     """
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     layers = prepared.layers()
     keep = resolve_layers(opts.keep_float, layers)
-    ranges = prepared.ranges(flavour, calib, opts.method, opts.progress)
-    prepared.write(dst, flavour, ranges, opts.method, keep_float=keep, overflow_fix=opts.overflow_fix)
-    before = _evaluate(dst, flavour, ev)
-    ok, rule = judge(flavour, before, ref_row, opts.budgets)
+    job = _Flavour(prepared, flavour, dst, prepared.ranges(flavour, calib, opts.method, opts.progress), images,
+                   ref_row, opts)
+    job.write(keep)
+    before, ok = job.measure()
     report = {"method": opts.method, "overflow_fix": opts.overflow_fix or qdq.form(flavour).overflow_fix,
-              "before": before, "budget": rule, "steps": [], "sensitivity": None, "fallback": False}
-    rows = None
+              "before": before, "budget": judge(flavour, before, ref_row, opts.budgets)[1], "steps": [],
+              "sensitivity": None, "fallback": False}
+    ranked = None
     if opts.sensitivity == "on" or (opts.sensitivity == "auto" and not ok and opts.fallback):
-        rows = sensitivity(prepared, flavour, ranges, opts.method, ev.subset(opts.sensitivity_images),
-                           layers, opts.overflow_fix, opts.progress)
-        report["sensitivity"] = rows
+        ranked = sensitivity(prepared, flavour, job.ranges, opts.method, images.subset(opts.sensitivity_images),
+                             layers, opts.overflow_fix, opts.progress)
+        report["sensitivity"] = ranked
     current = before
-    if not ok and opts.fallback and rows:
+    if not ok and opts.fallback and ranked:
         report["fallback"] = True
-        current, ok = _fall_back(prepared, flavour, dst, ranges, ev, ref_row, opts, rows, keep, before, report["steps"])
-    names = {l.name: display_name(l) for l in layers}
-    total = sum(l.macs for l in layers)
-    report |= {"after": current, "within_budget": ok,
-               "float_layers": [names[n] for n in keep],
-               "int8_mac_share": round(100 * sum(l.macs for l in layers if l.name not in keep) / max(total, 1), 2),
-               "quantizable_layers": len(layers), "seconds": round(time.perf_counter() - t0, 2)}
+        current, ok = _fall_back(job, ranked, keep, before, report["steps"])
+    names = {layer.name: display_name(layer) for layer in layers}
+    total = sum(layer.macs for layer in layers)
+    int8_macs = sum(layer.macs for layer in layers if layer.name not in keep)
+    report |= {"after": current, "within_budget": ok, "float_layers": [names[n] for n in keep],
+               "int8_mac_share": round(100 * int8_macs / max(total, 1), 2),
+               "quantizable_layers": len(layers), "seconds": round(time.perf_counter() - start, 2)}
     return report

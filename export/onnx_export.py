@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from resdeploy.errors import ExportError
+from core.errors import ExportError, first_line
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 OPSET = 20
@@ -56,12 +56,12 @@ def export_fp32(model: nn.Module, path: str | os.PathLike, input_size: int, opse
                 verbose=False)
         program.save(str(path), external_data=False)
     except Exception as e:
-        raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from e
     proto = onnx.load(str(path))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"exported graph fails onnx.checker: {str(e).splitlines()[0]}") from e
+        raise ExportError(f"exported graph fails onnx.checker: {first_line(e)}") from e
     ops = op_counts(proto)
     if ops.get("BatchNormalization", 0):
         raise ExportError(f"{ops['BatchNormalization']} BatchNormalization nodes survived folding")

@@ -2,12 +2,12 @@
 
 Two INT8 forms, because the two runtimes run different kernels (docs/design.md):
 
-* ``int8`` for TensorRT: symmetric int8 activations and weights (zero point 0), per-channel
+* ``INT8`` (:mod:`core.flavours`), for TensorRT: symmetric int8 activations and weights (zero point 0), per-channel
   weight scales on axis 0, a dedicated Q/DQ pair on *both* inputs of every residual ``Add`` (else
   TensorRT runs the Add in fp16/fp32), no bias quantization (TensorRT quantizes biases itself).
   TensorRT accumulates int8 products in int32, so the file is judged by its exact Q/DQ semantics:
   ONNX Runtime with the Q/DQ fusions switched off (float Conv on dequantized values).
-* ``int8-cpu`` for ONNX Runtime on x86: uint8 activations with int8 per-channel weights (U8S8), the
+* ``INT8_CPU``, for ONNX Runtime on x86: uint8 activations with int8 per-channel weights (U8S8), the
   only form ORT's CPU kernels fuse into QLinearConv. It is judged by the fused kernels it will run.
   On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) those kernels add pairs of u8*s8 products in
   16 bits with saturation (``vpmaddubsw``); a layer with large inputs and full-range weights then
@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from resdeploy.errors import ConfigError, ExportError
+from core.errors import ConfigError, ExportError
+from core.flavours import FLAVOURS, INT8, INT8_CPU
+from export.options import CALIB_METHODS, OVERFLOW_FIXES
 
 log = logging.getLogger(__name__)
 
-OVERFLOW_FIXES = ("first-layer", "all", "none")  # NNCF's OverflowFix: FIRST_LAYER, ENABLE, DISABLE
 LAYER_OPS = ("Conv", "Gemm")
 
 
@@ -54,14 +55,15 @@ class Int8Form:
 
 
 INT8_FORMS = {
-    "int8": Int8Form("int8", True, ("Conv", "Gemm", "Add", "Relu", "MaxPool"), False, False, "none"),
-    "int8-cpu": Int8Form("uint8", False, None, True, True, "first-layer"),
+    INT8.name: Int8Form("int8", True, ("Conv", "Gemm", "Add", "Relu", "MaxPool"), False, False, "none"),
+    INT8_CPU.name: Int8Form("uint8", False, None, True, True, "first-layer"),
 }
 
 
 def form(flavour: str) -> Int8Form:
     if flavour not in INT8_FORMS:
-        raise ConfigError(f"unknown int8 flavour '{flavour}'; choose int8 (TensorRT) or int8-cpu (ONNX Runtime)")
+        raise ConfigError(f"unknown int8 flavour '{flavour}'; choose "
+                          + " or ".join(f"{f} ({FLAVOURS[f].runtime_names})" for f in INT8_FORMS))
     return INT8_FORMS[flavour]
 
 
@@ -161,7 +163,6 @@ class Prepared:
         from onnxruntime.quantization import CalibrationMethod
         from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-        from export.quantize import CALIB_METHODS
 
         if method not in CALIB_METHODS:
             raise ConfigError(f"unknown --calib-method '{method}'; choose one of {', '.join(CALIB_METHODS)}")

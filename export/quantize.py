@@ -1,11 +1,12 @@
 """FP16 conversion and INT8 explicit quantization (Q/DQ) of the FP32 ONNX file.
 
-Two INT8 flavours, because the two runtimes fuse different forms (docs/design.md):
+Two INT8 flavours (the rows of :mod:`core.flavours` whose number format is int8), because the two
+runtimes fuse different forms (docs/design.md):
 
-* ``int8`` for TensorRT: symmetric int8 activations and weights (zero point 0), per-channel
+* ``INT8``, for TensorRT: symmetric int8 activations and weights (zero point 0), per-channel
   weight scales on axis 0, a dedicated Q/DQ pair on *both* inputs of every residual ``Add`` (else
   TensorRT runs the Add in fp16/fp32), and no bias quantization (TensorRT quantizes biases itself).
-* ``int8-cpu`` for ONNX Runtime on x86: uint8 activations with int8 per-channel weights (U8S8), the
+* ``INT8_CPU``, for ONNX Runtime on x86: uint8 activations with int8 per-channel weights (U8S8), the
   only form ORT's CPU kernels fuse into QLinearConv (measured: ResNet-50 batch 10, U8S8 82 ms vs
   S8S8 284 ms vs FP32 262 ms on the dev CPU).
 
@@ -26,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from resdeploy.errors import ConfigError, ExportError
+from core.errors import ExportError, first_line
 
 log = logging.getLogger(__name__)
-CALIB_METHODS = ("percentile", "entropy", "minmax")  # export.qdq reads them from here
 CALIB_DIR = "calib"
 
 
@@ -64,7 +64,7 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     except ExportError:
         raise
     except Exception as e:
-        raise ExportError(f"fp16 conversion failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        raise ExportError(f"fp16 conversion failed: {type(e).__name__}: {first_line(e)}") from e
     onnx.save(model, str(dst))
     return Path(dst)
 
@@ -107,12 +107,12 @@ def quantize_int8(fp32: str | os.PathLike, dst: str | os.PathLike, flavour: str,
     Args:
         fp32: the BN-folded FP32 ONNX file.
         dst: output path.
-        flavour: ``int8`` (TensorRT) or ``int8-cpu`` (ONNX Runtime x86).
+        flavour: an int8 flavour name (``core.flavours.INT8_FLAVOURS``).
         calib: calibration inputs (N, 3, H, W) float32, preprocessed like serving.
         method: ``entropy`` | ``percentile`` | ``minmax``.
         work: scratch directory for ORT's pre-processed model and calibration files.
         keep_float: Conv/Gemm node names left in float.
-        overflow_fix: see :data:`export.qdq.OVERFLOW_FIXES`; default: the flavour's.
+        overflow_fix: see :data:`export.options.OVERFLOW_FIXES`; default: the flavour's.
 
     Returns:
         ``{"method", "images", "seconds"}``.

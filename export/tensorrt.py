@@ -19,66 +19,14 @@ import os
 import time
 from pathlib import Path
 
-from resdeploy.errors import ExportError
-from resdeploy.fsutil import write_bytes_atomic
-from serving.backends.tensorrt import INSTALL_HINT
+from backends.tensorrt import gpu_info, tensorrt_status
+from core.errors import ExportError
+from core.flavours import ENGINE_PRECISIONS, FLAVOURS
+from core.fsutil import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 TIMING_CACHE = "timing.cache"
-
-
-def gpu_info(device_id: int = 0) -> tuple[str, str]:
-    """(name, "major.minor") of a CUDA device via pycuda, else cuda-python.
-
-    Raises:
-        RuntimeError: neither binding is importable, or the device is not visible.
-    """
-    try:
-        import pycuda.driver as cuda
-    except ImportError:
-        cuda = None
-    if cuda is not None:
-        cuda.init()
-        if device_id >= cuda.Device.count():
-            raise RuntimeError(f"CUDA device {device_id} not found ({cuda.Device.count()} visible)")
-        dev = cuda.Device(device_id)
-        major, minor = dev.compute_capability()
-        return dev.name(), f"{major}.{minor}"
-    try:  # cuda-python: NVIDIA's samples use it since TensorRT 10.14
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise RuntimeError("neither pycuda nor cuda-python is installed") from None
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or device_id >= count:
-        raise RuntimeError(f"CUDA device {device_id} not found (cudaGetDeviceCount: {err}, {count})")
-    err, prop = cudart.cudaGetDeviceProperties(device_id)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaGetDeviceProperties failed: {err}")
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """Whether TensorRT can build and run engines here, and why (not).
-
-    Returns:
-        ``(usable, reason)``; ``reason`` names the TensorRT version and GPU when usable, else what
-        is missing and how to install it.
-    """
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: a wheel without its libnvinfer
-        return False, f"TensorRT is not importable ({type(e).__name__}: {e}); {INSTALL_HINT}"
-    try:
-        name, cc = gpu_info(0)
-    except Exception as e:
-        return False, f"TensorRT {trt.__version__} is installed but no CUDA GPU is usable ({e}); {INSTALL_HINT}"
-    return True, f"TensorRT {trt.__version__} on {name} (compute capability {cc})"
 
 
 def require_tensorrt():
@@ -97,13 +45,17 @@ def require_tensorrt():
 def engine_file_name(precision: str) -> str:
     """File name of the engine built from one ONNX precision, e.g. ``model.fp16.plan``."""
     _check_precision(precision)
-    return f"model.{precision}.plan"
+    return FLAVOURS[precision].engine_file
 
 
 def _check_precision(precision: str) -> None:
-    if precision == "int8-cpu":
-        raise ExportError("precision 'int8-cpu' is the U8S8 ONNX flavour for ONNX Runtime's CPU kernels; "
-                          "TensorRT takes the symmetric Q/DQ file: build the engine from precision 'int8'")
+    if precision in FLAVOURS and not FLAVOURS[precision].builds_engine:
+        tensorrt_form = next(f.name for f in FLAVOURS.values()
+                             if f.builds_engine and f.number_format == FLAVOURS[precision].number_format)
+        raise ExportError(f"precision {precision!r} is the {FLAVOURS[precision].quantization} ONNX flavour for "
+                          f"{FLAVOURS[precision].runtime_names} only; TensorRT takes the "
+                          f"{FLAVOURS[tensorrt_form].quantization} file: build the engine from precision "
+                          f"{tensorrt_form!r}")
     if precision not in ENGINE_PRECISIONS:
         raise ExportError(f"unknown engine precision {precision!r}; choose one of {list(ENGINE_PRECISIONS)}")
 
@@ -128,7 +80,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         precision, tf32, build_seconds, bytes.
 
     Raises:
-        ExportError: ``int8-cpu`` or another bad argument, TensorRT/GPU missing, parser errors
+        ExportError: a flavour TensorRT does not take (ONNX Runtime's int8 form) or another bad argument, TensorRT/GPU missing, parser errors
             (every one is listed) or a failed build.
     """
     _check_precision(precision)  # before importing tensorrt: fails the same way on CPU hosts

@@ -1,8 +1,11 @@
 """resdeploy: trained residual networks to production.
 
-The pipeline lives in the top-level packages ``training`` (networks, data, training,
-evaluation), ``export`` (ONNX artifacts), ``serving`` (BentoML service, torch-free) and
-the ``bench`` scripts; this package holds the command line and the shared error types.
+This package is the command line, the top floor: ``cli.py`` (the ``resdeploy`` command),
+``training_cli.py`` and ``export_cli.py`` (the sub-commands), ``cliargs.py`` (argument types). The
+pipeline lives in the top-level packages below it: ``core`` (the contract), ``training``,
+``backends``, ``export`` and ``serving``; see docs/design.md, "Layout".
 """
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
+from core.errors import ResdeployError
 from resdeploy import __version__
-from resdeploy.errors import ResdeployError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -23,8 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export import cli as export_cli
-    from training import cli as training_cli
+    from resdeploy import export_cli, training_cli
 
     parser = OneLineParser(prog="resdeploy", description="Trained ResNets to production: train, "
                            "evaluate, export and compare residual networks.")

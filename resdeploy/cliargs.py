@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from resdeploy.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from core.errors import ConfigError
+from core.preprocess import INTERPOLATIONS
 
 
 def arch(value: str) -> str:
@@ -58,25 +56,4 @@ def add_preprocess_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", type=positive(int), help="centre/10-crop size, e.g. 224")
     g.add_argument("--mean", type=three_floats, help="R,G,B in [0,1], e.g. 0.485,0.456,0.406")
     g.add_argument("--std", type=three_floats, help="R,G,B in [0,1], e.g. 0.229,0.224,0.225")
-    g.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"))
-
-
-PREPROCESS_FLAGS = ("input_size", "resize", "crop", "mean", "std", "interpolation")
-
-
-def resolve_preprocess(recorded, fallback, flags: dict, source: str):
-    """The checkpoint's preprocessing (else ``fallback``, with a warning) overridden by ``flags``
-    (a dict that may hold any of :data:`PREPROCESS_FLAGS`; ``None`` values are ignored)."""
-    from serving.preprocess import PreprocessConfig
-
-    given = {k: flags[k] for k in PREPROCESS_FLAGS if flags.get(k) is not None}
-    base = recorded
-    if base is None:
-        base = fallback
-        missing = [k for k in ("input_size", "resize", "crop", "mean", "std") if k not in given]
-        if missing:
-            log.warning("%s records no preprocessing; taking %s from the dataset default (%s). Pass --%s to "
-                        "match how it was trained.", source, ", ".join(missing),
-                        ", ".join(f"{k}={base.to_dict()[k]}" for k in missing),
-                        "/--".join(k.replace("_", "-") for k in missing))
-    return PreprocessConfig.from_dict(base.to_dict() | given)
+    g.add_argument("--interpolation", choices=tuple(INTERPOLATIONS))

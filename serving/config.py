@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from resdeploy.errors import ConfigError
+from core.errors import ConfigError
+from core.flavours import INT8, NUMBER_FORMATS, ONNXRUNTIME, PYTORCH, TENSORRT, for_runtime
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "pytorch")
+BACKENDS = ("auto", TENSORRT, ONNXRUNTIME, PYTORCH)
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
@@ -55,9 +56,10 @@ class Settings:
         if backend not in BACKENDS:
             raise ConfigError(f"RESDEPLOY_BACKEND={backend!r}: choose one of {', '.join(BACKENDS)}")
         precision = os.environ.get("RESDEPLOY_PRECISION", "fp32").lower()
-        if precision not in ("fp32", "fp16", "int8"):
-            raise ConfigError(f"RESDEPLOY_PRECISION={precision!r}: choose fp32, fp16 or int8 "
-                              "(int8 means the int8-cpu file on ONNX Runtime CPU)")
+        if precision not in NUMBER_FORMATS:
+            cpu_int8 = for_runtime(INT8.number_format, ONNXRUNTIME, cpu_only=True)
+            raise ConfigError(f"RESDEPLOY_PRECISION={precision!r}: choose {', '.join(NUMBER_FORMATS)} "
+                              f"({INT8.number_format} means the {cpu_int8.name} file on ONNX Runtime CPU)")
         max_batch = _int("RESDEPLOY_MAX_BATCH", 40, 10)
         if max_batch % 10:
             raise ConfigError(f"RESDEPLOY_MAX_BATCH={max_batch} must be a multiple of 10 (a 10-crop request "

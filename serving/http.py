@@ -14,8 +14,15 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from resdeploy.errors import PreprocessError
-from serving.preprocess import DECODE_FORMATS, ImageTooLargeError, TTA_MODES, decode_image, preprocess
+from core.errors import PreprocessError
+from core.preprocess import (
+    DECODE_FORMATS,
+    TTA_MODES,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    decode_image,
+    preprocess,
+)
 
 
 class HTTPError(Exception):
@@ -111,15 +118,15 @@ def decode_and_crop(data: bytes, cfg, tta: str, max_pixels: int):
         img = decode_image(data, max_pixels=max_pixels)
     except ImageTooLargeError as e:
         raise HTTPError(413, "image_too_large", str(e)) from e
-    except PreprocessError as e:
-        if "not a supported format" not in str(e):
-            raise HTTPError(400, "invalid_image", str(e)) from e
+    except UnsupportedImageError as e:
         fmt = signature_format(data)
         if fmt is None:
             raise HTTPError(415, "invalid_image", str(e)) from e
         # Pillow reports a PNG with a signature but broken chunks as "cannot identify": it is a
         # corrupt upload of a supported format (400), not an unsupported media type (415).
         raise HTTPError(400, "invalid_image", f"cannot decode image: corrupt {fmt} data") from e
+    except PreprocessError as e:
+        raise HTTPError(400, "invalid_image", str(e)) from e
     # The shorter side is resized to cfg.resize before cropping, so a thin image grows: a 131-byte
     # 1x25000 PNG becomes 32x800000 (25.6 MP, 0.3 s), a 1x19000000 one (under a 20 MP limit) would
     # need ~60 GB. Bound the resized image by the same pixel limit.

@@ -26,11 +26,11 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from core.manifest import read_labels, read_manifest
+from core.scores import softmax, top_k
 from serving import http
-from serving.artifacts import read_labels, read_manifest
 from serving.config import Settings
-from serving.engine import LoadedModel, check_directory, load_model, softmax, top_k, warm_up
-from serving.preprocess import PreprocessConfig
+from serving.engine import LoadedModel, check_directory, load_model, warm_up
 
 log = logging.getLogger("serving")
 SETTINGS = Settings.from_env()
@@ -167,11 +167,11 @@ class Classifier:
         bento_model = bentoml.models.BentoModel(SETTINGS.bento_model)
 
     def __init__(self) -> None:
-        d = _directory(self)
-        self.manifest = read_manifest(d)
-        self.labels = read_labels(d, self.manifest)  # hash-checked
-        self.num_classes = int(self.manifest["num_classes"])
-        self.preprocess = PreprocessConfig.from_dict(self.manifest["preprocess"])
+        directory = _directory(self)
+        self.manifest = read_manifest(directory)
+        self.labels = read_labels(directory, self.manifest)  # hash-checked
+        self.num_classes = self.manifest.num_classes
+        self.preprocess = self.manifest.preprocess_config
         self.model_info: dict | None = None
         metrics()
 
@@ -189,10 +189,9 @@ class Classifier:
             metrics()["rejected"].labels("engine_unavailable").inc()
             raise http.HTTPError(503, "engine_unavailable", f"inference failed: {e}") from e
         t_inf = time.perf_counter()
-        if self.model_info is None:  # the engine's real choice (auto backend, int8 -> int8-cpu file)
-            d = await self.engine.to_async.describe()
-            self.model_info = {"arch": d["arch"], "precision": d["precision"], "backend": d["backend"],
-                               "sha256": d["sha256"]}
+        if self.model_info is None:  # the engine's real choice (auto backend; the int8 file the runtime loads)
+            described = await self.engine.to_async.describe()
+            self.model_info = {key: described[key] for key in ("arch", "precision", "backend", "sha256")}
         probs = softmax(np.asarray(logits, dtype=np.float64)).mean(axis=0)
         best = top_k(probs, k, self.labels)
         return {"top1": best[0], "top_k": best, "tta": tta,

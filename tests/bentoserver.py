@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-
 from conftest import ROOT
 
 READY_TIMEOUT_S = 120

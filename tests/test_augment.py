@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serving.preprocess import PreprocessConfig, normalize
+from core.preprocess import PreprocessConfig, normalize
 from training import augment
 from training.train import TrainConfig, train
 
@@ -106,7 +106,7 @@ def test_image_folder_trains_with_imagenet_augmentation(tmp_path: Path):
 
 
 def test_file_dataset_rejects_in_memory_augmentations(tmp_path: Path):
-    from resdeploy.errors import ConfigError
+    from core.errors import ConfigError
 
     _shape_images(tmp_path / "shapes", per_class=2)
     with pytest.raises(ConfigError, match="--augment imagenet or none"):

@@ -178,3 +178,52 @@ def test_artifacts_mode_refuses_a_tampered_file(digits_artifacts, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.fp32.onnx" in lines[0] and "sha256" in lines[0].lower(), proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_rows_are_named_from_the_flavour_table():
+    """Every row's precision is a flavour of core.flavours; the names users pass stay the same."""
+    from bench import latency
+    from core.flavours import FLAVOURS, PYTORCH
+
+    assert list(latency.ROWS) == ["torch", "torch-cl", "ort-fp32", "ort-int8-cpu", "torch-cuda", "torch-cuda-fp16",
+                                  "trt-fp16", "trt-int8"]
+    for row in latency.ROWS.values():
+        assert FLAVOURS[row.flavour.name] is row.flavour
+        assert row.runtime == PYTORCH or row.runtime in row.flavour.runtimes, row
+    assert latency.TORCH_BACKENDS == ("torch", "torch-cl", "torch-cuda", "torch-cuda-fp16")
+
+
+def test_resolve_gives_a_typed_config(tmp_path):
+    from bench import latency
+
+    config = latency.resolve(latency.build_parser().parse_args(
+        ["--quick", "--backends", "torch-cl,torch,torch-cl", "--batch-sizes", "4,1,4",
+         "--json", str(tmp_path / "l.json")]))
+    assert isinstance(config, latency.LatencyConfig)
+    assert (config.arch, config.input_size, config.batch_sizes, config.backends, config.explicit_backends,
+            config.budget_s, config.threads) == ("resnet20", 32, [1, 4], ["torch-cl", "torch"], True, 0.3, 2)
+    assert (config.csv, config.png) == (tmp_path / "l.csv", tmp_path / "l.png")
+    assert config.manifest is None and config.artifacts is None and config.ceiling
+
+
+def test_torch_rows_run_the_library_backend():
+    """torch / torch-cl are backends.pytorch.TorchBackend over the in-memory network, pinned to the CPU."""
+    import numpy as np
+    import torch
+
+    from backends.pytorch import TorchBackend
+    from bench import latency
+
+    src = latency.Sources()
+    with pytest.raises(LookupError, match="no PyTorch network"):
+        latency.make_backend("torch", src, 8, 1)
+    src.model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    for name, channels_last in (("torch", False), ("torch-cl", True)):
+        backend = latency.make_backend(name, src, 8, 1)
+        assert isinstance(backend, TorchBackend) and backend.channels_last is channels_last
+        assert backend.device.type == "cpu" and not backend.half
+        with backend:
+            assert backend.infer(np.zeros((2, 3, 8, 8), np.float32)).shape == (2, 4)
+    src.missing["torch-cl"] = "no model.pt"
+    with pytest.raises(LookupError, match="no model.pt"):
+        latency.make_backend("torch-cl", src, 8, 1)

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from bentoserver import serve
 from conftest import ROOT
 
@@ -104,3 +103,14 @@ def test_refuses_remote_host_without_traffic(tmp_path: Path, monkeypatch) -> Non
     assert load.main(["http://10.1.2.3:3000", "--json", str(tmp_path / "y.json")]) == 2
     assert load.is_loopback("127.0.0.5") and load.is_loopback("::1") and load.is_loopback("localhost")
     assert not load.is_loopback("example.com") and not load.is_loopback("192.168.0.1")
+
+
+def test_concurrency_levels_are_positive_integers() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench import load
+
+    assert load.parse_levels("1,8, 32") == [1, 8, 32]
+    for bad in ("0", "1,x", "", ",", "-4"):
+        with pytest.raises(load.LoadError, match="--concurrency"):
+            load.parse_levels(bad)
+    assert load.main(["http://127.0.0.1:1", "--concurrency", "2,0"]) == 2

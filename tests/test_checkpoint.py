@@ -9,14 +9,13 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from payloads import CreatesMarker, RunsShell
 import torch
+from payloads import CreatesMarker, RunsShell
 from torch import nn
 
-from resdeploy.errors import CheckpointError
-from serving.preprocess import PreprocessConfig
-from training.checkpoint import (FORMAT, CheckpointMismatchError, read_checkpoint, restore_model,
-                                 save_atomic)
+from core.errors import CheckpointError
+from core.preprocess import PreprocessConfig
+from training.checkpoint import FORMAT, CheckpointMismatchError, read_checkpoint, restore_model, save_atomic
 from training.resnet import build_model
 
 

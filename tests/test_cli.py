@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from resdeploy.cli import main
 from training.checkpoint import extract_state_dict, read_checkpoint
 

@@ -15,10 +15,17 @@ import pytest
 from payloads import CreatesMarker, RunsShell
 from PIL import Image
 
-from resdeploy.errors import DatasetError
-from serving.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
-from training.data import (CIFAR10_CLASSES, UNLABELLED, Dataset, Split, is_labelled, load_calibration_images,
-                           load_dataset)
+from core.errors import DatasetError
+from core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from training.data import (
+    CIFAR10_CLASSES,
+    UNLABELLED,
+    Dataset,
+    Split,
+    is_labelled,
+    load_calibration_images,
+    load_dataset,
+)
 
 # --- digits (embedded) -------------------------------------------------------------------------
 

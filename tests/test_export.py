@@ -16,15 +16,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import DIGITS_PRECISIONS, ROOT
+
+from backends.onnxruntime import OnnxRuntimeBackend
+from core.errors import ArtifactError
+from core.manifest import read_manifest, sha256_file, verify_file
 from export.fold import count_batchnorm, fold_batchnorm
 from export.onnx_export import batch_dim, export_fp32, op_counts
 from export.quantize import inspect_int8
 from resdeploy.cli import main
-from resdeploy.errors import ArtifactError
-from serving.artifacts import find_artifact, read_manifest, sha256_file, verify_file
-from serving.backends.onnxruntime import OnnxRuntimeBackend
 from training.checkpoint import restore_model
 from training.resnet import build_model
 
@@ -73,22 +73,24 @@ def test_random_init_resnet50_folds_and_matches_pytorch(tmp_path: Path):
 
 def test_every_precision_loads_in_ort_cpu_and_is_within_budget(digits_artifacts: Path):
     m = read_manifest(digits_artifacts)
-    assert [a["precision"] for a in m["artifacts"] if a["kind"] == "onnx"] == PRECISIONS
-    assert [a["kind"] for a in m["artifacts"]] == ["onnx"] * len(PRECISIONS) + ["pytorch"]  # reference last
-    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    for a in m["artifacts"]:
-        assert a["within_budget"], a
+    assert [a.precision for a in m.entries("onnx")] == PRECISIONS
+    assert [a.kind for a in m.artifacts] == ["onnx"] * len(PRECISIONS) + ["pytorch"]  # reference last
+    raw = json.loads((digits_artifacts / "manifest.json").read_text())
+    for a in raw["artifacts"]:
         assert {"precision", "file", "sha256", "top1", "top5", "top1_agreement", "max_logit_diff"} <= a.keys()
-        if a["kind"] != "onnx":  # model.pt: tests/test_torch_backend_and_bento.py
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    for a in m.artifacts:
+        assert a.within_budget, a
+        if a.kind != "onnx":  # model.pt: tests/test_torch_backend_and_bento.py
             continue
-        with OnnxRuntimeBackend(verify_file(digits_artifacts, a), a["precision"],
+        with OnnxRuntimeBackend(verify_file(digits_artifacts, a), a.precision,
                                 providers=["CPUExecutionProvider"]) as b:
             assert b.infer(x).shape == (3, 10)
-    fp32 = find_artifact(m, "fp32")
-    assert fp32["top1_agreement"] >= 99.9 and fp32["max_logit_diff"] <= 1e-3
-    ref = m["eval"]["pytorch_fp32"]["top1"]
-    assert find_artifact(m, "fp16")["top1"] >= 0.995 * ref
-    assert find_artifact(m, "int8")["top1"] >= 0.99 * ref and find_artifact(m, "int8-cpu")["top1"] >= 0.99 * ref
+    fp32 = m.find("fp32")
+    assert fp32.top1_agreement >= 99.9 and fp32.max_logit_diff <= 1e-3
+    ref = m.eval["pytorch_fp32"]["top1"]
+    assert m.find("fp16").top1 >= 0.995 * ref
+    assert m.find("int8").top1 >= 0.99 * ref and m.find("int8-cpu").top1 >= 0.99 * ref
 
 
 def test_fp16_computes_in_half_with_float_io(digits_artifacts: Path):
@@ -121,18 +123,18 @@ def test_int8_cpu_fuses_into_qlinearconv(digits_artifacts: Path, tmp_path: Path)
 
 def test_manifest_hashes_match_and_tampering_is_caught(digits_artifacts: Path, tmp_path: Path):
     m = read_manifest(digits_artifacts)
-    for entry in [*m["artifacts"], m["labels"], m["calibration"]]:
-        assert sha256_file(digits_artifacts / entry["file"]) == entry["sha256"]
-        assert (digits_artifacts / entry["file"]).stat().st_size == entry["bytes"]
+    for entry in [*m.artifacts, m.labels, m.calibration]:
+        assert sha256_file(digits_artifacts / entry.file) == entry.sha256
+        assert (digits_artifacts / entry.file).stat().st_size == entry.bytes
     assert json.loads((digits_artifacts / "labels.json").read_text()) == [str(i) for i in range(10)]
-    assert m["versions"]["onnxruntime"] == ort.__version__ and m["versions"]["tensorrt"] is None
+    assert m.versions["onnxruntime"] == ort.__version__ and m.versions["tensorrt"] is None
     copy = tmp_path / "copy"
     shutil.copytree(digits_artifacts, copy)
     with open(copy / "model.int8-cpu.onnx", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
     with pytest.raises(ArtifactError, match="does not match the manifest"):
-        verify_file(copy, find_artifact(m, "int8-cpu"))
+        verify_file(copy, m.find("int8-cpu"))
 
 
 def _snapshot(d: Path) -> dict[str, str]:
@@ -170,9 +172,9 @@ def test_reexport_reuses_calibration_and_replaces_dir(digits_run: Path, digits_a
                  "--calib-data", "digits", "--no-progress"]) == 0
     assert "calibration tensors reused" in capsys.readouterr().err
     new = read_manifest(out)
-    assert [a["precision"] for a in new["artifacts"] if a["kind"] == "onnx"] == ["fp32", "int8-cpu"]
+    assert [a.precision for a in new.entries("onnx")] == ["fp32", "int8-cpu"]
     assert not (out / "model.fp16.onnx").exists()  # the directory was replaced, not merged
-    assert new["calibration"]["sha256"] == old["calibration"]["sha256"]
+    assert new.calibration.sha256 == old.calibration.sha256
 
 
 def test_sabotaged_calibration_fails_the_gate(digits_run: Path, tmp_path: Path, capsys):
@@ -193,7 +195,7 @@ def test_sabotaged_calibration_fails_the_gate(digits_run: Path, tmp_path: Path, 
                  "--calib-data", str(tmp_path / "const"), "--eval-data", "digits", "--accept-accuracy-drop",
                  "--no-progress"]) == 0
     m = read_manifest(out)
-    assert m["accepted_accuracy_drop"] and not find_artifact(m, "int8-cpu")["within_budget"]
+    assert m.accepted_accuracy_drop and not m.find("int8-cpu").within_budget
 
 
 @pytest.mark.parametrize("extra, expect", [
@@ -244,7 +246,7 @@ def test_each_calibration_method_gives_its_own_ranges(digits_artifacts: Path, tm
     from export.quantize import quantize_int8
 
     m = read_manifest(digits_artifacts)
-    calib = np.load(digits_artifacts / m["calibration"]["file"])[:32]
+    calib = np.load(digits_artifacts / m.calibration.file)[:32]
     digests = {}
     for method in ("minmax", "entropy", "percentile"):
         out = tmp_path / f"{method}.onnx"
@@ -260,8 +262,8 @@ def test_tied_logits_go_to_the_lowest_class_everywhere():
     5.427495). The gate, the evaluator and the service must all break them the same way as argmax."""
     import numpy as np
 
+    from core.scores import top_k
     from export.gate import Tally
-    from serving.engine import top_k
     from training.evaluate import topk_accuracy
 
     logits = np.zeros((64, 10), np.float32)

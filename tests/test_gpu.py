@@ -22,16 +22,14 @@ def test_amp_training_on_cuda(tmp_path: Path):
     assert all(v.device.type == "cpu" for v in ck["model"].values())  # saved device-neutral
 
 
-def _weights(tmp_path: Path, arch: str = "resnet20") -> tuple[Path, dict]:
-    """A model.pt (TorchBackend's format) of a random net with refreshed BN statistics."""
+def _weights(tmp_path: Path, arch: str = "resnet20") -> tuple[Path, int]:
+    """A model.pt (TorchBackend's format) of a random net with refreshed BN statistics, and its input side."""
+    from backends.pytorch import save_weights
     from bench.latency import random_model
-    from training.torch_backend import WEIGHTS_FORMAT
 
-    model = random_model(arch, 32)
     path = tmp_path / "model.pt"
-    torch.save({"format": WEIGHTS_FORMAT, "arch": arch, "shortcut": "A", "num_classes": 10,
-                "model": model.state_dict()}, path)
-    return path, {"preprocess": {"crop": 32}}
+    save_weights(random_model(arch, 32), path, arch, "A", 10)
+    return path, 32
 
 
 @needs_cuda
@@ -39,14 +37,14 @@ def test_torch_backend_cuda_fp32_and_fp16_match_cpu(tmp_path: Path):
     """FP16 parity on the GPU: Polygraphy-style mean tolerance 1e-2 (docs/design.md), top-1 agreement."""
     import numpy as np
 
-    from training.torch_backend import TorchBackend
+    from backends.pytorch import TorchBackend
 
-    path, manifest = _weights(tmp_path)
+    path, size = _weights(tmp_path)
     x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
-    with TorchBackend(path, manifest, device="cpu") as cpu:
+    with TorchBackend(path, size, device="cpu") as cpu:
         ref = cpu.infer(x)
     for half in (False, True):
-        with TorchBackend(path, manifest, device="cuda", half=half) as gpu:
+        with TorchBackend(path, size, device="cuda", half=half) as gpu:
             assert gpu.device.type == "cuda" and gpu.precision == ("fp16" if half else "fp32")
             got = gpu.infer(x)
         assert got.dtype == np.float32 and got.shape == ref.shape

@@ -15,11 +15,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from core.manifest import read_manifest
 from export import int8, qdq
 from export.gate import judge
 from export.onnx_export import op_counts
-from serving.artifacts import read_manifest
-from serving.preprocess import PreprocessConfig
 from training.checkpoint import restore_model
 from training.data import load_dataset
 from training.evaluate import iter_crops
@@ -39,7 +38,7 @@ def test_first_layer_overflow_fix_is_7_bit_for_int8_cpu_only(digits_artifacts: P
     assert np.abs(_int8_weights(cpu, "layer1.0.conv1.weight")).max() == 127  # the rest keep 8 bits
     assert np.abs(_int8_weights(trt, "conv1.weight")).max() == 127  # TensorRT accumulates in int32
     m = read_manifest(digits_artifacts)
-    q = {a["precision"]: a["quantization"] for a in m["artifacts"] if "quantization" in a}
+    q = {a.precision: a.quantization for a in m.artifacts if a.quantization}
     assert q["int8-cpu"]["overflow_fix"] == "first-layer" and q["int8"]["overflow_fix"] == "none"
 
 
@@ -70,12 +69,12 @@ def planted(digits_artifacts: Path, tmp_path_factory) -> tuple[Path, int8.EvalSe
     path = tmp_path_factory.mktemp("planted") / "planted.onnx"
     onnx.save(model, str(path))
     m = read_manifest(digits_artifacts)
-    pre = PreprocessConfig.from_dict(m["preprocess"])
+    pre = m.preprocess_config
     xs, ys = zip(*iter_crops(load_dataset("digits").test, pre, "center", 100))
     x, labels = np.concatenate(xs), np.concatenate(ys)
     ref = qdq.run(qdq.session(digits_artifacts / "model.fp32.onnx"), x)[0]
     assert np.abs(qdq.run(qdq.session(path), x)[0] - ref).max() < 1e-3  # same function in FP32
-    calib = np.load(digits_artifacts / m["calibration"]["file"])[:64]
+    calib = np.load(digits_artifacts / m.calibration.file)[:64]
     return path, int8.EvalSet(x, labels, ref), calib
 
 
@@ -154,15 +153,22 @@ def test_bare_state_dict_exports_with_only_a_flat_folder_of_images(digits_run: P
                  "--mean", fmt(pre["mean"]), "--std", fmt(pre["std"]), "--no-progress"])
     assert code == 0
     m = read_manifest(out)
-    assert m["eval"]["labelled"] is False and m["eval"]["images"] == 40 and m["calibration"]["images"] == 40
-    rows = {a["precision"]: a for a in m["artifacts"] if a["kind"] == "onnx"}
+    assert m.eval["labelled"] is False and m.eval["images"] == 40 and m.calibration.extra["images"] == 40
+    rows = {a.precision: a.to_dict() for a in m.entries("onnx")}
     assert rows["fp32"]["top1"] is None and rows["fp32"]["top1_agreement"] == 100.0
     assert rows["int8-cpu"]["within_budget"] and rows["int8-cpu"]["top1_agreement"] >= 98
     assert json.loads((out / "labels.json").read_text()) == [str(i) for i in range(10)]
 
 
-def test_cli_choices_match_the_library():
-    """export/cli.py spells the choices out (importing onnx would slow `--help`); they must agree."""
-    from export import cli
+def test_export_help_reads_choices_from_the_library_without_loading_onnx():
+    """The CLI takes its choices from export.options, which must stay light: `--help` loads no onnx."""
+    import subprocess
+    import sys
 
-    assert cli.OVERFLOW_FIXES == qdq.OVERFLOW_FIXES and cli.SENSITIVITY_MODES == int8.SENSITIVITY_MODES
+    code = ("import sys\nfrom resdeploy.cli import main\ntry:\n    main(['export', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().splitlines()[-1] == "LOADED []", out
+    from export.options import OVERFLOW_FIXES, SENSITIVITY_MODES
+
+    assert all(v in out for v in OVERFLOW_FIXES + SENSITIVITY_MODES)

@@ -12,11 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from resdeploy.errors import ConfigError
+from core.errors import ConfigError
 from training import resnet
 from training.flops import count_macs, count_params, format_models_table, models_table
-from training.resnet import (ARCHS, SHORTCUTS, BasicBlock, Bottleneck, ShortcutA, build_model,
-                             canonical_arch)
+from training.resnet import ARCHS, SHORTCUTS, BasicBlock, Bottleneck, ShortcutA, build_model, canonical_arch
 
 try:  # tests/ may or may not become a package; work either way
     from tests.torchvision_layouts import RESNET18, RESNET50

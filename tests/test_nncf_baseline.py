@@ -64,3 +64,22 @@ def test_row_counts_agreement_with_the_fp32_logits():
     r = nb._row(q, np.array([0, 1, 1]), ref)
     assert r["top1"] == pytest.approx(100 / 3, abs=1e-3) and r["disagreements"] == 1
     assert r["top1_agreement"] == pytest.approx(200 / 3, abs=1e-3) and r["n"] == 3
+
+
+def test_run_side_imports_without_pillow_or_torch():
+    """The NNCF venv has only numpy, onnx, onnxruntime and nncf: the script must load there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys\n"
+              "for m in ('PIL', 'torch', 'training', 'export', 'serving', 'backends'): sys.modules[m] = None\n"
+              "import runpy\n"
+              "sys.argv = ['bench/nncf_baseline.py', 'run', '--help']\n"
+              "runpy.run_path('bench/nncf_baseline.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--variants" in proc.stdout

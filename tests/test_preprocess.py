@@ -1,4 +1,4 @@
-"""Tests for serving/preprocess.py on real encoded images (made here, no mocks)."""
+"""Tests for core/preprocess.py on real encoded images (made here, no mocks)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resdeploy.errors import ConfigError, PreprocessError
-from serving.preprocess import (
+from core.errors import ConfigError, PreprocessError
+from core.preprocess import (
     TTA_MODES,
     ImageTooLargeError,
     PreprocessConfig,

@@ -16,10 +16,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import run_cli
-from serving.artifacts import read_manifest
-from serving.preprocess import PreprocessConfig
+
+from core.manifest import read_manifest
 from training.checkpoint import restore_model
 from training.data import load_dataset
 from training.evaluate import iter_crops
@@ -55,9 +54,9 @@ def test_quickstart_export_passes_every_gate(tmp_path: Path, arch: str, epochs: 
                 timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     m = read_manifest(out)
-    assert {a["precision"] for a in m["artifacts"] if a["kind"] == "onnx"} == {"fp32", "fp16", "int8", "int8-cpu"}
+    assert {a.precision for a in m.entries("onnx")} == {"fp32", "fp16", "int8", "int8-cpu"}
 
-    pre = PreprocessConfig.from_dict(m["preprocess"])
+    pre = m.preprocess_config
     xs, ys = zip(*iter_crops(load_dataset("digits").test, pre, "center", 120))
     x, labels = np.concatenate(xs), np.concatenate(ys)
     with torch.no_grad():
@@ -69,5 +68,5 @@ def test_quickstart_export_passes_every_gate(tmp_path: Path, arch: str, epochs: 
         top1, agreement = (pred == labels).mean(), (pred == fp32).mean()
         assert top1 >= 0.995 * fp32_top1, (flavour, top1, fp32_top1)
         assert agreement >= 0.99, (flavour, agreement)
-        q = next(a for a in m["artifacts"] if a["precision"] == flavour)["quantization"]
+        q = m.find(flavour).quantization
         assert q["int8_mac_share"] >= 90, q

@@ -23,12 +23,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from bentoserver import serve
 from conftest import ROOT
-from serving.backends.onnxruntime import OnnxRuntimeBackend
-from serving.preprocess import PreprocessConfig, decode_image, preprocess
+from PIL import Image
+
+from backends.onnxruntime import OnnxRuntimeBackend
+from core.preprocess import PreprocessConfig, decode_image, preprocess
 
 # Small limits so the 413 cases are cheap to send; both are far above every good image here.
 MAX_BYTES = 3_000_000

@@ -1,4 +1,4 @@
-"""serving/ must import and run without torch (it ships in a lean runtime image).
+"""core/, the ONNX Runtime and TensorRT backends and serving/ must import and run without torch (it ships in a lean runtime image).
 
 A subprocess blocks torch with ``sys.modules["torch"] = None`` (any ``import torch`` then
 raises ImportError) and imports every module in SERVING_MODULES. Add new serving modules to
@@ -16,14 +16,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SERVING_MODULES = [
-    "resdeploy.errors",
+    "core",
+    "core.errors",
+    "core.fsutil",
+    "core.flavours",
+    "core.preprocess",
+    "core.manifest",
+    "core.backend",
+    "core.scores",
+    "core.timing",
+    "backends",
+    "backends.onnxruntime",
+    "backends.tensorrt",
     "serving",
-    "serving.preprocess",
-    "serving.artifacts",
-    "serving.backends",
-    "serving.backends.base",
-    "serving.backends.onnxruntime",
-    "serving.backends.tensorrt",
     "serving.config",
     "serving.engine",
     "serving.http",
@@ -40,10 +45,10 @@ for name in json.loads(sys.argv[1]):
         failed[name] = traceback.format_exc()
 
 smoke = None
-if "serving.preprocess" not in failed:
+if "core.preprocess" not in failed:
     try:
         from PIL import Image
-        from serving.preprocess import PreprocessConfig, decode_image, preprocess
+        from core.preprocess import PreprocessConfig, decode_image, preprocess
         buf = io.BytesIO()
         Image.new("RGB", (40, 30), (10, 200, 30)).save(buf, "PNG")
         cfg = PreprocessConfig(32, 32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

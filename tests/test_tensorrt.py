@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backends.tensorrt import INSTALL_HINT, TensorRTBackend, check_engine_stamp
+from core.errors import ArtifactError, BackendError, ExportError
 from export.tensorrt import ENGINE_PRECISIONS, build_engine, engine_file_name, require_tensorrt, tensorrt_status
-from resdeploy.errors import ArtifactError, BackendError, ExportError
-from serving.backends.tensorrt import INSTALL_HINT, check_engine_stamp
-from serving.backends.tensorrt import TensorRTBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
@@ -110,7 +109,7 @@ def test_tensorrt_modules_import_without_torch_or_tensorrt(tmp_path):
     plan = tmp_path / "e.plan"
     plan.write_bytes(b"x")
     script = (f"import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None\n"
-              f"import serving.backends.tensorrt as m, export.tensorrt\n"
+              f"import backends.tensorrt as m, export.tensorrt\n"
               f"b = m.TensorRTBackend({str(plan)!r}, 'int8', {STAMP!r})\n"
               f"print(b.describe()['backend'])")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -118,25 +117,6 @@ def test_tensorrt_modules_import_without_torch_or_tensorrt(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "tensorrt"
-
-
-def test_gpu_check_exits_2_with_one_line_without_tensorrt_or_directory():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "export.gpu_check", "/nonexistent"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpu_check:"), proc.stderr
-    assert proc.stdout == ""
-
-
-def test_gpu_check_rejects_int8_cpu(capsys):
-    from export.gpu_check import main
-
-    with pytest.raises(SystemExit) as e:
-        main(["/nonexistent", "--precisions", "fp16,int8-cpu"])
-    assert e.value.code == 2
-    assert "int8-cpu" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- fake tensorrt + pycuda (our logic)
@@ -422,7 +402,7 @@ def tiny_onnx(tmp_path_factory) -> dict:
 
 
 def _ort(path, precision):
-    from serving.backends.onnxruntime import OnnxRuntimeBackend
+    from backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(path, precision, providers=["CPUExecutionProvider"])
 
@@ -467,56 +447,3 @@ def test_timing_cache_is_reused_and_tampered_stamp_refused(tiny_onnx, tmp_path, 
         TensorRTBackend(plan, "fp32", tampered).activate()
     with pytest.raises(ArtifactError, match="compute capability 1.0"):
         TensorRTBackend(plan, "fp32", stamp | {"compute_capability": "1.0"}).activate()
-
-
-def test_gpu_check_orchestration_with_stand_ins(monkeypatch, tmp_path, capsys):
-    """gpu_check end to end on CPU: ONNX Runtime stands in for TensorRT (so every check passes), a
-    stale engine in the manifest is rebuilt, and a table and JSON come out."""
-    import torch
-
-    import export.gpu_check as gc
-    from export.fold import fold_batchnorm
-    from export.onnx_export import export_fp32
-    from resdeploy.fsutil import write_json_atomic
-    from serving.artifacts import sha256_file
-    from serving.backends.onnxruntime import OnnxRuntimeBackend
-    from training.data import load_dataset
-    from training.resnet import build_model
-
-    torch.manual_seed(0)
-    export_fp32(fold_batchnorm(build_model("resnet20").eval()), tmp_path / "model.fp32.onnx", input_size=32)
-    (tmp_path / "model.fp16.plan").write_bytes(b"stale")
-    entry = lambda f, p, kind="onnx", **kw: {"file": f, "sha256": sha256_file(tmp_path / f),  # noqa: E731
-                                             "precision": p, "kind": kind, **kw}
-    write_json_atomic(tmp_path / "manifest.json", {
-        "schema_version": 1, "arch": "resnet20", "num_classes": 10,
-        "preprocess": load_dataset("digits").preprocess.to_dict(),
-        "artifacts": [entry("model.fp32.onnx", "fp32"), entry("model.fp32.onnx", "fp16"),
-                      entry("model.fp16.plan", "fp16", "engine", **STAMP)]})
-
-    class StandIn(OnnxRuntimeBackend):
-        def __init__(self, engine, precision, stamp):
-            super().__init__(Path(stamp["onnx"]), precision, providers=["CPUExecutionProvider"],
-                             max_batch_size=stamp["max_batch"])
-
-    def fake_build(onnx_path, engine_path, **kw):
-        Path(engine_path).write_bytes(b"plan")
-        return {"onnx": str(onnx_path), "bytes": 4, **kw}
-
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.99.0"))
-    monkeypatch.setattr(gc, "tensorrt_status", lambda: (True, "stand-in"))
-    monkeypatch.setattr(gc, "gpu_info", lambda device_id=0: ("Fake GPU", "9.0"))
-    monkeypatch.setattr(gc, "build_engine", fake_build)
-    monkeypatch.setattr("serving.backends.tensorrt.TensorRTBackend", StandIn)
-    out = tmp_path / "r.json"
-    rc = gc.main([str(tmp_path), "--precisions", "fp32,fp16", "--eval-data", "digits", "--limit", "40",
-                  "--iters", "3", "--max-batch", "16", "--json", str(out)])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.out + captured.err
-    assert "not using the directory's engine" in captured.err and "10.13.0.35" in captured.err
-    assert "GPU Fake GPU (compute capability 9.0), TensorRT 10.99.0" in captured.out
-    report = json.loads(out.read_text())
-    assert report["passed"] and report["images"] == 40
-    assert [(r["precision"], r["engine"], r["timed_batch"]) for r in report["results"]] == [
-        ("fp32", "built", 10), ("fp16", "rebuilt", 10)]
-    assert all(r["value"] < 1e-5 and r["top1_agreement"] == 1.0 for r in report["results"])

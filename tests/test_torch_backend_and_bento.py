@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
+from backends.onnxruntime import OnnxRuntimeBackend
+from backends.pytorch import TorchBackend
+from core.errors import ArtifactError, BackendError
+from core.manifest import read_manifest, sha256_file, verify_file
 from resdeploy.cli import main
-from resdeploy.errors import ArtifactError, BackendError
-from serving.artifacts import find_artifact, read_manifest, sha256_file, verify_file
-from serving.backends.onnxruntime import OnnxRuntimeBackend
 from serving.engine import load_model
 from training.checkpoint import restore_model
-from training.torch_backend import TorchBackend
 
 BIN = Path(sys.executable).parent
 MODEL_NAME = "resdeploy-test"
@@ -46,17 +46,17 @@ def _run(args: list[str], home: Path, timeout: float = 300, **extra: str) -> sub
 
 def test_model_pt_is_listed_and_reproduces_the_checkpoint(digits_run: Path, digits_artifacts: Path):
     m = read_manifest(digits_artifacts)
-    entry = find_artifact(m, "fp32", "pytorch")
-    assert entry["file"] == "model.pt" and entry["backends"] == ["pytorch"] and entry["budget"] == "reference"
-    assert entry["sha256"] == sha256_file(digits_artifacts / "model.pt")
-    assert entry["top1"] == m["eval"]["pytorch_fp32"]["top1"]
-    assert m["artifacts"][-1]["kind"] == "pytorch"  # after every onnx entry
+    entry = m.find("fp32", "pytorch")
+    assert entry.file == "model.pt" and entry.backends == ["pytorch"] and entry.budget == "reference"
+    assert entry.sha256 == sha256_file(digits_artifacts / "model.pt")
+    assert entry.top1 == m.eval["pytorch_fp32"]["top1"]
+    assert m.artifacts[-1].kind == "pytorch"  # after every onnx entry
     obj = torch.load(digits_artifacts / "model.pt", weights_only=True)
     assert obj["format"] == "resdeploy.weights/1" and (obj["arch"], obj["num_classes"]) == ("resnet20", 10)
     assert any(k.endswith("running_mean") for k in obj["model"])  # unfolded: BN tensors are there
 
     x = np.random.default_rng(7).standard_normal((7, 3, 32, 32)).astype(np.float32)
-    with TorchBackend(verify_file(digits_artifacts, entry), m) as b:
+    with TorchBackend(verify_file(digits_artifacts, entry), m.crop) as b:
         assert b.input_shape == (None, 3, 32, 32) and b.describe()["file"] == "model.pt"
         got = b.infer(x)
         with torch.no_grad():  # the checkpoint itself, on the backend's device: bit-identical logits
@@ -66,7 +66,7 @@ def test_model_pt_is_listed_and_reproduces_the_checkpoint(digits_run: Path, digi
             b.infer(np.zeros((1, 3, 28, 28), np.float32))
     assert got.dtype == np.float32 and got.shape == (7, 10)
     np.testing.assert_array_equal(got, ref)
-    with OnnxRuntimeBackend(verify_file(digits_artifacts, find_artifact(m, "fp32")), "fp32",
+    with OnnxRuntimeBackend(verify_file(digits_artifacts, m.find("fp32")), "fp32",
                             providers=["CPUExecutionProvider"]) as ort_b:
         np.testing.assert_allclose(ort_b.infer(x), got, rtol=0, atol=1e-4)
     assert b.model is None and not b.active
@@ -74,22 +74,22 @@ def test_model_pt_is_listed_and_reproduces_the_checkpoint(digits_run: Path, digi
 
 def test_torch_backend_device_and_half_are_checked(digits_artifacts: Path):
     m = read_manifest(digits_artifacts)
-    path = verify_file(digits_artifacts, find_artifact(m, "fp32", "pytorch"))
+    path = verify_file(digits_artifacts, m.find("fp32", "pytorch"))
     with pytest.raises(BackendError, match="half precision needs CUDA"):
-        TorchBackend(path, m, device="cpu", half=True)
+        TorchBackend(path, m.crop, device="cpu", half=True)
     with pytest.raises(BackendError, match="'tpu'"):
-        TorchBackend(path, m, device="tpu")
+        TorchBackend(path, m.crop, device="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match="is_available"):
-            TorchBackend(path, m, device="cuda")
-    with TorchBackend(path, m, device="cpu") as b:  # pinned to the CPU even where a GPU exists
+            TorchBackend(path, m.crop, device="cuda")
+    with TorchBackend(path, m.crop, device="cpu") as b:  # pinned to the CPU even where a GPU exists
         assert b.device.type == "cpu" and b.precision == "fp32"
 
 
 def test_engine_loads_the_pytorch_backend_and_checks_its_hash(digits_artifacts: Path, tmp_path: Path):
     model = load_model(digits_artifacts, backend="pytorch")
     try:
-        assert model.backend.name == "pytorch" and model.entry["kind"] == "pytorch"
+        assert model.backend.name == "pytorch" and model.entry.kind == "pytorch"
         s = model.summary()
         assert (s["backend"], s["precision"], s["file"]) == ("pytorch", "fp32", "model.pt")
         assert model.backend.infer(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
@@ -141,7 +141,7 @@ def test_export_stores_the_artifact_directory_as_a_bento_model(stored: dict):
     assert info["tag"] == tag and path.is_relative_to(home)
     assert not (Path(out) / "model.yaml").exists()  # the installed directory is untouched
     m = read_manifest(path)  # manifest.json at the root of the stored model
-    for entry in [*m["artifacts"], m["labels"], m["calibration"]]:
+    for entry in [*m.artifacts, m.labels, m.calibration]:
         verify_file(path, entry)
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} <= \
         {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}  # calib/ included
@@ -175,4 +175,16 @@ def test_bentoml_build_packs_the_stored_model(stored: dict):
     assert info["service"] == "serving.service:Classifier"
     models = {m["tag"] for svc in info["services"] for m in svc["models"]} | {m["tag"] for m in info["models"]}
     assert models == {stored["tag"]}, info
+    # The image carries the contract, the runtime backends and the service, and they run without torch.
+    src = Path(stored["home"]) / "bentos" / bento.replace(":", "/") / "src"
+    tops = {p.relative_to(src).parts[0] for p in src.rglob("*.py")}
+    assert tops == {"core", "backends", "serving"}, tops
+    assert not (src / "backends" / "pytorch.py").exists()
+    code = ("import sys; sys.modules['torch'] = None\nimport core, backends, serving.service\n"
+            "import json; print(json.dumps([m.__file__ for m in (core, backends, serving.service)]))")
+    env = {k: v for k, v in _env(stored["home"], RESDEPLOY_ARTIFACTS=str(stored["out"])).items() if k != "PYTHONPATH"}
+    blocked = subprocess.run([sys.executable, "-c", code], cwd=src, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert blocked.returncode == 0, blocked.stderr[-2000:]
+    assert all(f.startswith(str(src)) for f in json.loads(blocked.stdout.strip().splitlines()[-1])), blocked.stdout
     print(f"bentoml build: {seconds:.1f} s; export --bento-model: {stored['seconds']:.1f} s")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
+
 from training.checkpoint import read_checkpoint
 from training.compare import run_compare
 from training.train import TrainConfig

@@ -6,7 +6,7 @@
   size), a random 224 crop, a random flip, mean/std normalisation and AlexNet's PCA colour
   augmentation (Krizhevsky et al. 2012, Sec. 4.1).
 
-Test-time preprocessing is not here: it is the shared ``serving.preprocess`` code.
+Test-time preprocessing is not here: it is the shared ``core.preprocess`` code.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from serving.preprocess import PreprocessConfig, decode_image, preprocess, resize_shorter
+from core.preprocess import PreprocessConfig, decode_image, preprocess, resize_shorter
 
 # Eigen-decomposition of ImageNet RGB pixel covariance (in [0, 1] units), as published with
 # AlexNet and used by fb.resnet.torch, which the ResNet authors' recipe follows.
@@ -42,18 +42,18 @@ def cifar_augment(batch: torch.Tensor, cfg: PreprocessConfig, generator: torch.G
     ``pad=0`` leaves only the random flip.
     """
     n, h, w, _ = batch.shape
-    s = min(cfg.crop, h, w)
-    pad = max(1, s // 8) if pad is None else pad
+    size = min(cfg.crop, h, w)
+    pad = max(1, size // 8) if pad is None else pad
     padded = torch.nn.functional.pad(batch, (0, 0, pad, pad, pad, pad))
-    dev = batch.device
-    top = torch.randint(0, h + 2 * pad - s + 1, (n,), generator=generator).to(dev)
-    left = torch.randint(0, w + 2 * pad - s + 1, (n,), generator=generator).to(dev)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
-    ar = torch.arange(s, device=dev)
-    rows = top[:, None] + ar
-    cols = left[:, None] + torch.where(flip[:, None], s - 1 - ar, ar)
-    out = padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return normalize_batch(out, cfg)
+    device = batch.device
+    top = torch.randint(0, h + 2 * pad - size + 1, (n,), generator=generator).to(device)
+    left = torch.randint(0, w + 2 * pad - size + 1, (n,), generator=generator).to(device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    offsets = torch.arange(size, device=device)
+    rows = top[:, None] + offsets
+    cols = left[:, None] + torch.where(flip[:, None], size - 1 - offsets, offsets)
+    crops = padded[torch.arange(n, device=device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return normalize_batch(crops, cfg)
 
 
 def pca_lighting(x: torch.Tensor, generator: torch.Generator, alphastd: float = 0.1) -> torch.Tensor:
@@ -73,19 +73,19 @@ class ImageNetTrainTransform:
     """
 
     def __init__(self, cfg: PreprocessConfig, scale: tuple[int, int] = (256, 480), pca: bool = True):
-        f = cfg.crop / 224
+        factor = cfg.crop / 224
         self.cfg, self.pca = cfg, pca
-        self.lo, self.hi = max(cfg.crop, round(scale[0] * f)), max(cfg.crop, round(scale[1] * f))
+        self.lo, self.hi = max(cfg.crop, round(scale[0] * factor)), max(cfg.crop, round(scale[1] * factor))
         self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self.std = torch.tensor(cfg.std).view(3, 1, 1)
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
         side = int(torch.randint(self.lo, self.hi + 1, (1,), generator=generator))
         arr = np.asarray(resize_shorter(img, side, self.cfg.interpolation))
-        h, w, s = arr.shape[0], arr.shape[1], self.cfg.crop
-        top = int(torch.randint(0, h - s + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - s + 1, (1,), generator=generator))
-        crop = arr[top:top + s, left:left + s]
+        h, w, size = arr.shape[0], arr.shape[1], self.cfg.crop
+        top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+        crop = arr[top:top + size, left:left + size]
         if bool(torch.rand(1, generator=generator) < 0.5):
             crop = crop[:, ::-1]
         x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255.0)
@@ -116,5 +116,5 @@ class FileTrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         # Seeded per (epoch, index) so a resumed run draws the same augmentation as an unbroken one.
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + i)
-        return self.transform(decode_image(self.paths[i]), g), int(self.labels[i])
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + i)
+        return self.transform(decode_image(self.paths[i]), generator), int(self.labels[i])

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from resdeploy.errors import CheckpointError
-from resdeploy.fsutil import atomic_path
-from serving.preprocess import PreprocessConfig
+from core.errors import CheckpointError, first_line
+from core.fsutil import atomic_path
+from core.preprocess import PreprocessConfig
 from training.resnet import ARCHS, build_model, canonical_arch
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors all land here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"cannot read checkpoint {path}: {first[:200]} (only tensor "
                               "state_dicts readable with weights_only=True are accepted)") from e
     if not isinstance(obj, dict):

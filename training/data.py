@@ -24,10 +24,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from resdeploy.errors import DatasetError
-from serving.preprocess import PreprocessConfig, decode_image
-from training.folders import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, detect_layout, list_class_images,
-                              list_flat_images, sub_folders)
+from core.errors import DatasetError
+from core.preprocess import PreprocessConfig, decode_image
+from training.folders import (
+    IMAGE_EXTENSIONS,
+    SPLIT_FOLDERS,
+    detect_layout,
+    list_class_images,
+    list_flat_images,
+    sub_folders,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +69,21 @@ class Split:
 
     def subset(self, n: int) -> "Split":
         """The first ``n`` items (smoke tests, quick runs)."""
-        return Split(self.labels[:n], None if self.images is None else self.images[:n],
-                     None if self.paths is None else self.paths[:n])
+        return self.take(np.arange(min(n, len(self))))
+
+    def sample(self, n: int | None, seed: int = 0) -> "Split":
+        """``n`` items drawn with a fixed seed, in their original order; all of them when ``n`` is
+        ``None`` or at least ``len(self)``. The export gate, INT8 calibration and the bench all draw
+        with this, so the same ``n`` and seed mean the same images everywhere (class-sorted folders
+        would skew a plain prefix)."""
+        if n is None or n >= len(self):
+            return self
+        return self.take(np.sort(np.random.default_rng(seed).permutation(len(self))[:n]))
+
+    def take(self, idx: np.ndarray) -> "Split":
+        """The items at ``idx``."""
+        return Split(self.labels[idx], None if self.images is None else self.images[idx],
+                     None if self.paths is None else [self.paths[i] for i in idx])
 
 
 @dataclass

@@ -6,7 +6,7 @@
 * ``multiscale``: fully-convolutional testing, the whole image resized so its shorter side is each of
   {224, 256, 384, 480, 640} (scaled for small inputs), softmax averaged over scales (Sec. 3.4).
 
-Every image goes through ``serving.preprocess`` exactly as an HTTP upload would.
+Every image goes through ``core.preprocess`` exactly as an HTTP upload would.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from resdeploy.errors import ConfigError, DatasetError
-from serving.preprocess import PreprocessConfig, multiscale_sizes, preprocess, preprocess_full
+from core.errors import ConfigError, DatasetError
+from core.preprocess import PreprocessConfig, multiscale_sizes, preprocess, preprocess_full
 from training.data import Split, is_labelled
 
 EVAL_TTA = ("center", "ten_crop", "multiscale")
@@ -58,23 +58,23 @@ def predict_probs(model: nn.Module, split: Split, cfg: PreprocessConfig, tta: st
     if tta not in EVAL_TTA:
         raise ConfigError(f"unknown --tta '{tta}'; choose one of {', '.join(EVAL_TTA)}")
     model.eval()
-    out = []
+    per_batch = []
     with _progress(len(split), f"eval {tta}", progress) as bar:
         if tta == "multiscale":
             sizes = multiscale_sizes(cfg)
             for i in range(len(split)):
                 img = split.image(i)
-                p = sum(torch.softmax(model(torch.from_numpy(preprocess_full(img, cfg, s)).to(device)), 1)
-                        for s in sizes) / len(sizes)
-                out.append(p.cpu().numpy())
+                probs = sum(torch.softmax(model(torch.from_numpy(preprocess_full(img, cfg, size)).to(device)), 1)
+                            for size in sizes) / len(sizes)
+                per_batch.append(probs.cpu().numpy())
                 bar.update(1)
         else:
             n_crops = 10 if tta == "ten_crop" else 1
             for crops, labels in iter_crops(split, cfg, tta, batch_images):
-                p = torch.softmax(model(torch.from_numpy(crops).to(device)).float(), 1)
-                out.append(p.view(len(labels), n_crops, -1).mean(1).cpu().numpy())
+                probs = torch.softmax(model(torch.from_numpy(crops).to(device)).float(), 1)
+                per_batch.append(probs.view(len(labels), n_crops, -1).mean(1).cpu().numpy())
                 bar.update(len(labels))
-    return np.concatenate(out)
+    return np.concatenate(per_batch)
 
 
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from resdeploy.fsutil import atomic_path
+from core.fsutil import atomic_path
 
 
 def _pyplot():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resdeploy.errors import ConfigError
+from core.errors import ConfigError
 
 SHORTCUTS = ("A", "B", "C")
 

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from resdeploy.errors import CheckpointError, ConfigError
-from resdeploy.fsutil import write_json_atomic
+from core.errors import CheckpointError, ConfigError
+from core.fsutil import write_json_atomic
+from core.preprocess import PreprocessConfig
 from training import augment
 from training.checkpoint import FORMAT, read_checkpoint, save_atomic
 from training.data import Dataset, load_dataset
@@ -74,6 +76,7 @@ class TrainConfig:
     progress: bool | None = None  # None: when stderr is a terminal
 
     def validate(self) -> None:
+        """Canonicalise ``arch`` and check the options against each other; ConfigError if not."""
         self.arch = canonical_arch(self.arch)
         for name in ("epochs", "batch_size", "workers", "plateau_patience", "input_size"):
             if getattr(self, name) is not None and getattr(self, name) < (0 if name == "workers" else 1):
@@ -113,10 +116,10 @@ class _Dist:
                 raise ConfigError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
         else:
             self.device = torch.device(device)
-        if self.world > 1 and not dist.is_initialized():
+        if self.world > 1 and not torch_dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            torch_dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
@@ -125,63 +128,63 @@ class _Dist:
     def sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor)
+        return tensor.tolist()
 
     def broadcast(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.broadcast(t, 0)
-        return float(t.item())
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch_dist.broadcast(tensor, 0)
+        return float(tensor.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.world > 1 and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
 
 
-def _batches(ds: Dataset, cfg: TrainConfig, d: _Dist, epoch: int, aug: str, pre, data):
-    """Yield augmented (x, y) batches of this rank's shard for one epoch."""
-    n = len(ds.train)
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    per_rank = math.ceil(n / d.world)  # every rank runs the same number of steps (DDP needs it)
-    perm = torch.cat([perm, perm[: per_rank * d.world - n]])[d.rank::d.world]
-    bs = max(1, cfg.batch_size // d.world)
-    steps = max(1, per_rank // bs)  # drop the last partial batch: a batch of 1 breaks BatchNorm
-    g_aug = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729 + d.rank)
-    if ds.in_memory:
-        x_all, y_all = data
-        for s in range(steps):
-            idx = perm[s * bs:(s + 1) * bs].to(x_all.device)
-            x = x_all[idx]
-            if aug in ("cifar", "flip"):
-                x = augment.cifar_augment(x, pre, g_aug, pad=0 if aug == "flip" else None)
-            else:
-                x = augment.normalize_batch(x, pre)
-            yield x, y_all[idx]
-    else:
-        data.epoch = epoch
-        loader = torch.utils.data.DataLoader(
-            data, batch_size=bs, sampler=perm[: steps * bs].tolist(), num_workers=cfg.workers,
-            pin_memory=d.device.type == "cuda", drop_last=True)
-        for x, y in loader:
-            yield x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+@dataclass
+class _Run:
+    """What a run carries from epoch to epoch; everything a checkpoint is made of."""
+
+    cfg: TrainConfig
+    dist: _Dist
+    out: Path
+    ds: Dataset
+    model: nn.Module
+    shortcut: str
+    optimizer: torch.optim.Optimizer
+    plateau: ReduceLROnPlateau | None
+    history: list[dict] = field(default_factory=list)
+    best: float = -1.0  # best test top-1 accuracy so far (%)
+    start_epoch: int = 0
+
+    @property
+    def pre(self) -> PreprocessConfig:
+        return self.ds.preprocess
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
 
 
-def _test_metrics(model: nn.Module, ds: Dataset, pre, cache, device) -> dict:
-    if cache is not None:
-        model.eval()
-        with torch.no_grad():
-            probs = torch.cat([torch.softmax(model(cache[i:i + 512]).float(), 1).cpu()
-                               for i in range(0, len(cache), 512)]).numpy()
-    else:
-        probs = predict_probs(model, ds.test, pre, "center", device)
-    labels = ds.test.labels
-    acc = topk_accuracy(probs, labels, (1, min(5, probs.shape[1])))
-    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    return {"test_loss": loss, "test_top1_error": 100 - acc[1], "test_top5_error": 100 - acc[min(5, probs.shape[1])]}
+@dataclass
+class _Loop:
+    """How one epoch's batches are fed and stepped (not checkpointed)."""
+
+    net: nn.Module  # the model, DDP-wrapped under torchrun
+    train_data: tuple[torch.Tensor, torch.Tensor] | augment.FileTrainDataset
+    test_cache: torch.Tensor | None  # in-memory test centre crops, on the main rank only
+    amp: bool
+    amp_dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+    progress: bool
+    loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -197,135 +200,232 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     if cfg.resume and not last.exists():
         raise CheckpointError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
-    d = _Dist(cfg.device)
+    dist = _Dist(cfg.device)
     try:
-        return _train(cfg, d, out, last)
+        return _train(cfg, dist, out)
     finally:
-        d.close()
+        dist.close()
 
 
-def _train(cfg: TrainConfig, d: _Dist, out: Path, last: Path) -> dict:
-    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download and d.main,
+def _train(cfg: TrainConfig, dist: _Dist, out: Path) -> dict:
+    """Set up (or resume), then per epoch: lr, one training pass, test, checkpoint and log."""
+    run = _setup(cfg, dist, out)
+    if cfg.resume:
+        _resume(run)
+    loop = _make_loop(run)
+    _start_output(run)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        _set_lr(run, epoch)
+        row = _train_epoch(run, loop, epoch)
+        if dist.main:
+            row |= _test_metrics(run, loop.test_cache)
+        test_error = dist.broadcast(row.get("test_top1_error", 0.0))
+        if run.plateau is not None and epoch >= cfg.warmup_epochs:
+            run.plateau.step(test_error)
+        if dist.main:
+            _record_epoch(run, epoch, row)
+    # Rank 0 is still writing the last epoch's files; a rank that tore down its gloo group
+    # first aborted ("terminate called without an active exception", seen in CI).
+    dist.barrier()
+    return _summary(run) if run.history else {}
+
+
+def _load_data(cfg: TrainConfig, dist: _Dist) -> Dataset:
+    """Load the dataset and fill in the options that default per dataset (augment, batch size)."""
+    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download and dist.main,
                       input_size=cfg.input_size)
     if ds.test_is_train:
         log.warning("%s is a single class tree: its test accuracy is measured on the training images", ds.name)
     if cfg.limit:
         ds.train = ds.train.subset(cfg.limit)
-    pre = ds.preprocess
     if cfg.augment == "auto":
         cfg.augment = ds.train_defaults.get("augment", "cifar" if ds.in_memory else "imagenet")
     if cfg.batch_size is None:
         cfg.batch_size = ds.train_defaults.get("batch_size", 128)
-    aug = cfg.augment
-    if not ds.in_memory and aug not in ("imagenet", "none"):
-        raise ConfigError(f"--augment {aug} works on in-memory datasets only; {ds.name} is a file "
+    if not ds.in_memory and cfg.augment not in ("imagenet", "none"):
+        raise ConfigError(f"--augment {cfg.augment} works on in-memory datasets only; {ds.name} is a file "
                           "dataset: use --augment imagenet or none")
-    family = ARCHS[cfg.arch].family
-    if family == "imagenet" and pre.crop < 64 or family == "cifar" and pre.crop > 64:
-        log.warning("%s is built for %dpx inputs but %s gives %dpx", cfg.arch,
-                    ARCHS[cfg.arch].native_input_size, ds.name, pre.crop)
+    arch, crop = ARCHS[cfg.arch], ds.preprocess.crop
+    if arch.family == "imagenet" and crop < 64 or arch.family == "cifar" and crop > 64:
+        log.warning("%s is built for %dpx inputs but %s gives %dpx", cfg.arch, arch.native_input_size, ds.name, crop)
+    return ds
+
+
+def _setup(cfg: TrainConfig, dist: _Dist, out: Path) -> _Run:
+    """Data, a freshly seeded model, the optimizer and (for ``--schedule plateau``) its scheduler."""
+    ds = _load_data(cfg, dist)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes=len(ds.classes), shortcut=cfg.shortcut,
-                        zero_init_residual=cfg.zero_init_residual).to(d.device)
-    shortcut = cfg.shortcut or ARCHS[cfg.arch].default_shortcut
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=0.1, patience=cfg.plateau_patience)
+                        zero_init_residual=cfg.zero_init_residual).to(dist.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    plateau = (ReduceLROnPlateau(optimizer, "min", factor=0.1, patience=cfg.plateau_patience)
                if cfg.schedule == "plateau" else None)
-    history: list[dict] = []
-    start, best = 0, -1.0
-    if cfg.resume:
-        ck = read_checkpoint(last)
-        if ck.get("arch") != cfg.arch or ck.get("shortcut") != shortcut:
-            raise CheckpointError(f"{last} is a {ck.get('arch')} (shortcut {ck.get('shortcut')}) run; "
-                                  f"resume it with --arch {ck.get('arch')} or start a new --out")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if plateau is not None and ck.get("scheduler"):
-            plateau.load_state_dict(ck["scheduler"])
-        start, best, history = int(ck["epoch"]), float(ck["best_top1"]), list(ck["history"])
-        if d.main:
-            log.info("resuming %s from epoch %d of %d", last, start, cfg.epochs)
-    net = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
-    amp = cfg.amp if cfg.amp is not None else d.device.type == "cuda"
+    return _Run(cfg, dist, out, ds, model, cfg.shortcut or ARCHS[cfg.arch].default_shortcut, optimizer, plateau)
+
+
+def _resume(run: _Run) -> None:
+    """Load model, optimizer, scheduler, history and best accuracy from ``last.pt``."""
+    checkpoint = read_checkpoint(run.last)
+    if checkpoint.get("arch") != run.cfg.arch or checkpoint.get("shortcut") != run.shortcut:
+        raise CheckpointError(f"{run.last} is a {checkpoint.get('arch')} (shortcut {checkpoint.get('shortcut')}) "
+                              f"run; resume it with --arch {checkpoint.get('arch')} or start a new --out")
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if run.plateau is not None and checkpoint.get("scheduler"):
+        run.plateau.load_state_dict(checkpoint["scheduler"])
+    run.start_epoch, run.best = int(checkpoint["epoch"]), float(checkpoint["best_top1"])
+    run.history = list(checkpoint["history"])
+    if run.dist.main:
+        log.info("resuming %s from epoch %d of %d", run.last, run.start_epoch, run.cfg.epochs)
+
+
+def _make_loop(run: _Run) -> _Loop:
+    """Wrap the model for DDP, choose mixed precision and stage the training and test data."""
+    cfg, ds, device = run.cfg, run.ds, run.dist.device
+    net = nn.parallel.DistributedDataParallel(run.model) if run.dist.world > 1 else run.model
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     # fp16 + loss scaling on CUDA; bf16 (no scaling needed) if --amp is forced on CPU.
-    amp_dtype = torch.float16 if d.device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and d.device.type == "cuda")
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
     if ds.in_memory:
-        data = (torch.from_numpy(ds.train.images).to(d.device), torch.from_numpy(ds.train.labels).to(d.device))
-        cache = center_tensor(ds.test, pre).to(d.device) if d.main else None
+        train_data = (torch.from_numpy(ds.train.images).to(device), torch.from_numpy(ds.train.labels).to(device))
+        test_cache = center_tensor(ds.test, run.pre).to(device) if run.dist.main else None
     else:
-        tf = augment.ImageNetTrainTransform(pre) if aug == "imagenet" else augment.CenterTransform(pre)
-        data = augment.FileTrainDataset(ds.train.paths, ds.train.labels, tf, cfg.seed)
-        cache = None
+        transform = (augment.ImageNetTrainTransform(run.pre) if cfg.augment == "imagenet"
+                     else augment.CenterTransform(run.pre))
+        train_data = augment.FileTrainDataset(ds.train.paths, ds.train.labels, transform, cfg.seed)
+        test_cache = None
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg) | {"shortcut": shortcut}, indent=2))
-        log.info("%s on %s: %d train / %d test images, %d classes, %s, %d process(es), batch %d, %s augmentation",
-                 cfg.arch, ds.name, len(ds.train), len(ds.test), len(ds.classes), d.device, d.world,
-                 cfg.batch_size, aug)
-    loss_fn = nn.CrossEntropyLoss()
+    return _Loop(net, train_data, test_cache, amp, amp_dtype, scaler, progress)
+
+
+def _start_output(run: _Run) -> None:
+    """Create the output folder, write ``config.json`` and log what is about to be trained."""
+    if not run.dist.main:
+        return
+    cfg, ds = run.cfg, run.ds
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(asdict(cfg) | {"shortcut": run.shortcut}, indent=2))
+    log.info("%s on %s: %d train / %d test images, %d classes, %s, %d process(es), batch %d, %s augmentation",
+             cfg.arch, ds.name, len(ds.train), len(ds.test), len(ds.classes), run.dist.device, run.dist.world,
+             cfg.batch_size, cfg.augment)
+
+
+def _set_lr(run: _Run, epoch: int) -> None:
+    """Step schedule (and warm-up) by epoch; under plateau only the end of warm-up is set here."""
+    cfg = run.cfg
+    if run.plateau is None or epoch < cfg.warmup_epochs:
+        lr = _lr_for_epoch(cfg, epoch)
+    elif epoch == cfg.warmup_epochs and cfg.warmup_epochs:
+        lr = cfg.lr
+    else:
+        return
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _train_epoch(run: _Run, loop: _Loop, epoch: int) -> dict:
+    """One pass over this rank's shard; returns the epoch's training metrics summed over ranks."""
     from tqdm import tqdm
 
-    for epoch in range(start, cfg.epochs):
-        if plateau is None or epoch < cfg.warmup_epochs:
-            lr = _lr_for_epoch(cfg, epoch)
-            for gr in opt.param_groups:
-                gr["lr"] = lr
-        elif epoch == cfg.warmup_epochs and cfg.warmup_epochs:
-            for gr in opt.param_groups:
-                gr["lr"] = cfg.lr
-        net.train()
-        t0 = time.perf_counter()
-        tot = [0.0, 0.0, 0.0, 0.0]  # loss sum, top1 correct, top5 correct, images
-        bar = tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", leave=False,
-                   total=len(ds.train), disable=not (progress and d.main))
-        for x, y in _batches(ds, cfg, d, epoch, aug, pre, data):
-            with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp):
-                logits = net(x)
-                loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            with torch.no_grad():
-                top = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
-                tot = [tot[0] + loss.item() * len(y), tot[1] + top[:, 0].sum().item(),
-                       tot[2] + top.any(1).sum().item(), tot[3] + len(y)]
-            bar.update(len(y) * d.world)
-        bar.close()
-        tot = d.sum(tot)
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": tot[0] / tot[3],
-               "train_top1_error": 100 - 100 * tot[1] / tot[3], "train_top5_error": 100 - 100 * tot[2] / tot[3],
-               "seconds": seconds, "images_per_s": tot[3] / seconds}
-        if d.main:
-            row |= _test_metrics(model, ds, pre, cache, d.device)
-        test_err = d.broadcast(row.get("test_top1_error", 0.0))
-        if plateau is not None and epoch >= cfg.warmup_epochs:
-            plateau.step(test_err)
-        if d.main:
-            history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
-            improved = 100 - row["test_top1_error"] > best
-            best = max(best, 100 - row["test_top1_error"])
-            with _sigint_deferred():
-                _save(cfg, model, ds, pre, shortcut, epoch + 1, best, history, out, last, opt, plateau,
-                      improved, d.world)
-            log.info("epoch %d/%d  lr %.4g  loss %.4f  train err %.2f%%  test err %.2f%% (top-5 %.2f%%)  "
-                     "%.1f s  %.0f img/s%s", epoch + 1, cfg.epochs, row["lr"], row["train_loss"],
-                     row["train_top1_error"], row["test_top1_error"], row["test_top5_error"], seconds,
-                     row["images_per_s"], "  *best" if improved else "")
-    if d.world > 1:
-        # Rank 0 is still writing the last epoch's files; a rank that tore down its gloo group
-        # first aborted ("terminate called without an active exception", seen in CI).
-        dist.barrier()
-    return _summary(cfg, ds, history, best, d.world) if history else {}
+    cfg, dist = run.cfg, run.dist
+    loop.net.train()
+    started = time.perf_counter()
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 correct, top-5 correct, images
+    bar = tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", leave=False,
+               total=len(run.ds.train), disable=not (loop.progress and dist.main))
+    for x, y in _batches(run, loop.train_data, epoch):
+        with torch.autocast(dist.device.type, dtype=loop.amp_dtype, enabled=loop.amp):
+            logits = loop.net(x)
+            loss = loop.loss_fn(logits, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(run.optimizer)
+        loop.scaler.update()
+        with torch.no_grad():
+            hits = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
+            sums = [sums[0] + loss.item() * len(y), sums[1] + hits[:, 0].sum().item(),
+                    sums[2] + hits.any(1).sum().item(), sums[3] + len(y)]
+        bar.update(len(y) * dist.world)
+    bar.close()
+    loss_sum, top1, top5, images = dist.sum(sums)
+    seconds = time.perf_counter() - started
+    return {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": loss_sum / images,
+            "train_top1_error": 100 - 100 * top1 / images, "train_top5_error": 100 - 100 * top5 / images,
+            "seconds": seconds, "images_per_s": images / seconds}
 
 
-def _summary(cfg: TrainConfig, ds: Dataset, history: list[dict], best: float, world: int) -> dict:
+def _shard(run: _Run, epoch: int) -> tuple[torch.Tensor, int, int]:
+    """This rank's shuffled image indices for ``epoch``, its per-rank batch size and step count."""
+    cfg, dist, n = run.cfg, run.dist, len(run.ds.train)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    per_rank = math.ceil(n / dist.world)  # every rank runs the same number of steps (DDP needs it)
+    order = torch.cat([order, order[: per_rank * dist.world - n]])[dist.rank::dist.world]
+    batch = max(1, cfg.batch_size // dist.world)
+    steps = max(1, per_rank // batch)  # drop the last partial batch: a batch of 1 breaks BatchNorm
+    return order, batch, steps
+
+
+def _batches(run: _Run, train_data, epoch: int):
+    """Yield augmented (x, y) batches of this rank's shard for one epoch."""
+    cfg, dist = run.cfg, run.dist
+    order, batch, steps = _shard(run, epoch)
+    if not run.ds.in_memory:
+        train_data.epoch = epoch
+        loader = torch.utils.data.DataLoader(
+            train_data, batch_size=batch, sampler=order[: steps * batch].tolist(), num_workers=cfg.workers,
+            pin_memory=dist.device.type == "cuda", drop_last=True)
+        for x, y in loader:
+            yield x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        return
+    images, labels = train_data
+    aug_generator = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729 + dist.rank)
+    for step in range(steps):
+        idx = order[step * batch:(step + 1) * batch].to(images.device)
+        if cfg.augment in ("cifar", "flip"):
+            pad = 0 if cfg.augment == "flip" else None
+            yield augment.cifar_augment(images[idx], run.pre, aug_generator, pad=pad), labels[idx]
+        else:
+            yield augment.normalize_batch(images[idx], run.pre), labels[idx]
+
+
+def _test_metrics(run: _Run, cache: torch.Tensor | None) -> dict:
+    """Test loss and top-1/top-5 error (%) with the serving centre crop."""
+    model, ds = run.model, run.ds
+    if cache is not None:
+        model.eval()
+        with torch.no_grad():
+            probs = torch.cat([torch.softmax(model(cache[i:i + 512]).float(), 1).cpu()
+                               for i in range(0, len(cache), 512)]).numpy()
+    else:
+        probs = predict_probs(model, ds.test, run.pre, "center", run.dist.device)
+    labels, top5 = ds.test.labels, min(5, probs.shape[1])
+    accuracy = topk_accuracy(probs, labels, (1, top5))
+    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return {"test_loss": loss, "test_top1_error": 100 - accuracy[1], "test_top5_error": 100 - accuracy[top5]}
+
+
+def _record_epoch(run: _Run, epoch: int, row: dict) -> None:
+    """Main rank: append to the history, write the epoch's files and log the epoch line."""
+    run.history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+    improved = 100 - row["test_top1_error"] > run.best
+    run.best = max(run.best, 100 - row["test_top1_error"])
+    with _sigint_deferred():
+        _save(run, epoch + 1, improved)
+    log.info("epoch %d/%d  lr %.4g  loss %.4f  train err %.2f%%  test err %.2f%% (top-5 %.2f%%)  "
+             "%.1f s  %.0f img/s%s", epoch + 1, run.cfg.epochs, row["lr"], row["train_loss"],
+             row["train_top1_error"], row["test_top1_error"], row["test_top5_error"], row["seconds"],
+             row["images_per_s"], "  *best" if improved else "")
+
+
+def _summary(run: _Run) -> dict:
+    """The metrics.json content: per-epoch history, best epoch, mean speed."""
+    history = run.history
     best_row = min(history, key=lambda h: h["test_top1_error"])
-    return {"arch": cfg.arch, "dataset": ds.name, "world_size": world, "epochs": history,
-            "best_epoch": best_row["epoch"], "best_test_top1": round(best, 4),
+    return {"arch": run.cfg.arch, "dataset": run.ds.name, "world_size": run.dist.world, "epochs": history,
+            "best_epoch": best_row["epoch"], "best_test_top1": round(run.best, 4),
             "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 3),
             "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1)}
 
@@ -346,15 +446,16 @@ def _sigint_deferred():
             raise KeyboardInterrupt
 
 
-def _save(cfg, model, ds, pre, shortcut, epoch, best, history, out, last, opt, plateau, improved, world) -> None:
-    state = {"format": FORMAT, "arch": cfg.arch, "shortcut": shortcut, "num_classes": len(ds.classes),
-             "classes": list(ds.classes), "preprocess": pre.to_dict(), "dataset": ds.name,
-             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "epoch": epoch, "best_top1": best, "history": history, "config": asdict(cfg)}
+def _save(run: _Run, epoch: int, improved: bool) -> None:
+    """Write ``best.pt`` (if ``improved``), ``last.pt``, ``metrics.json`` and ``curves.png``."""
+    cfg, ds = run.cfg, run.ds
+    state = {"format": FORMAT, "arch": cfg.arch, "shortcut": run.shortcut, "num_classes": len(ds.classes),
+             "classes": list(ds.classes), "preprocess": run.pre.to_dict(), "dataset": ds.name,
+             "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+             "epoch": epoch, "best_top1": run.best, "history": run.history, "config": asdict(cfg)}
     if improved:
-        save_atomic(state, out / "best.pt")
-    save_atomic(state | {"optimizer": opt.state_dict(),
-                         "scheduler": plateau.state_dict() if plateau is not None else None}, last)
-    summary = _summary(cfg, ds, history, best, world)
-    write_json_atomic(out / "metrics.json", summary)
-    save_curves(history, out / "curves.png", f"{cfg.arch} on {ds.name}")
+        save_atomic(state, run.out / "best.pt")
+    save_atomic(state | {"optimizer": run.optimizer.state_dict(),
+                         "scheduler": run.plateau.state_dict() if run.plateau is not None else None}, run.last)
+    write_json_atomic(run.out / "metrics.json", _summary(run))
+    save_curves(run.history, run.out / "curves.png", f"{cfg.arch} on {ds.name}")

@@ -19,12 +19,76 @@ from pathlib import Path
 
 import numpy as np
 
-from resdeploy.errors import ArtifactError, BackendError
-from serving.backends.base import Backend
-
+from core.backend import Backend
+from core.errors import ArtifactError, BackendError
 
 INSTALL_HINT = ("pip install 'resdeploy[gpu]' on a host with an NVIDIA GPU and driver "
                 "(TensorRT 10 or 11, pycuda)")
+
+
+def gpu_info(device_id: int = 0) -> tuple[str, str]:
+    """(name, "major.minor") of a CUDA device via pycuda, else cuda-python.
+
+    Raises:
+        RuntimeError: neither binding is importable, or the device is not visible.
+    """
+    try:
+        import pycuda.driver as cuda
+    except ImportError:
+        cuda = None
+    if cuda is not None:
+        cuda.init()
+        if device_id >= cuda.Device.count():
+            raise RuntimeError(f"CUDA device {device_id} not found ({cuda.Device.count()} visible)")
+        dev = cuda.Device(device_id)
+        major, minor = dev.compute_capability()
+        return dev.name(), f"{major}.{minor}"
+    try:  # cuda-python: NVIDIA's samples use it since TensorRT 10.14
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise RuntimeError("neither pycuda nor cuda-python is installed") from None
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or device_id >= count:
+        raise RuntimeError(f"CUDA device {device_id} not found (cudaGetDeviceCount: {err}, {count})")
+    err, prop = cudart.cudaGetDeviceProperties(device_id)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaGetDeviceProperties failed: {err}")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
+
+
+def tensorrt_status(inference: bool = False) -> tuple[bool, str]:
+    """The one probe of "is TensorRT usable here", and why (not); it never raises.
+
+    ``inference=True`` also asks for pycuda, which :class:`TensorRTBackend` runs engines with
+    (building one needs only TensorRT and a visible GPU, through pycuda or cuda-python).
+
+    Returns:
+        ``(usable, reason)``; ``reason`` names the TensorRT version and GPU when usable, else what
+        is missing and how to install it.
+    """
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as e:  # OSError: a wheel without its libnvinfer
+        return False, f"TensorRT is not importable ({type(e).__name__}: {e}); {INSTALL_HINT}"
+    try:
+        name, cc = gpu_info(0)
+    except Exception as e:
+        return False, f"TensorRT {trt.__version__} is installed but no CUDA GPU is usable ({e}); {INSTALL_HINT}"
+    if inference:
+        try:
+            import pycuda.driver  # noqa: F401
+        except (ImportError, OSError) as e:
+            return False, f"TensorRT runs engines here through pycuda, which is not importable ({e}); {INSTALL_HINT}"
+    return True, f"TensorRT {trt.__version__} on {name} (compute capability {cc})"
+
+
+def tensorrt_usable() -> bool:
+    """TensorRT, pycuda and a CUDA GPU are all usable (the ``auto`` backend's test)."""
+    return tensorrt_status(inference=True)[0]
 
 
 def check_engine_stamp(stamp: dict, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resdeploy.cliargs import PREPROCESS_FLAGS, add_preprocess_flags, arch, positive
-from serving.artifacts import PRECISIONS
-
-# Kept in step with export.qdq.OVERFLOW_FIXES and export.int8.SENSITIVITY_MODES (tests/test_int8.py
-# checks it): importing them here would load onnx for `--help`.
-OVERFLOW_FIXES = ("first-layer", "all", "none")
-SENSITIVITY_MODES = ("auto", "on", "off")
+from core.flavours import INT8, INT8_CPU, PRECISIONS
+from core.preprocess import PREPROCESS_FLAGS
+from export.options import CALIB_METHODS, OVERFLOW_FIXES, SENSITIVITY_MODES, ExportOptions, Int8Options
+from resdeploy.cliargs import add_preprocess_flags, arch, positive
 
 
 def _precisions(value: str) -> list[str]:
@@ -48,8 +45,7 @@ def non_negative_int(value: str) -> int:
 
 
 def cmd_export(args) -> int:
-    from export.int8 import Int8Options
-    from export.pipeline import ExportOptions, run_export
+    from export.pipeline import run_export
 
     flags = {k: getattr(args, k) for k in PREPROCESS_FLAGS}
     opts = ExportOptions(
@@ -63,17 +59,18 @@ def cmd_export(args) -> int:
                          max_float_layers=args.max_float_layers, sensitivity=args.sensitivity,
                          sensitivity_images=args.sensitivity_images),
         int8_min_agreement=args.int8_min_agreement, report_only=args.report_only)
-    m = run_export(opts)
-    if m.get("report_only"):
-        print(f"wrote {m['report']} (per-layer INT8 sensitivity; no artifacts were written). Keep layers in "
-              f"float with: resdeploy export {args.checkpoint} --out DIR --keep-float NAME,…")
+    result = run_export(opts, report=print)
+    if result.sensitivity_report is not None:
+        print(f"wrote {result.sensitivity_report} (per-layer INT8 sensitivity; no artifacts were written). Keep "
+              f"layers in float with: resdeploy export {args.checkpoint} --out DIR --keep-float NAME,…")
         return 0
-    files = ", ".join(a["file"] for a in m["artifacts"])
-    print(f"wrote {args.out}: {files}, labels.json, manifest.json ({m['timings_s']['total']:.1f} s)")
-    if m.get("bento_model"):
-        print(f"saved BentoML model {m['bento_model']}; build the service image with: "
-              f"RESDEPLOY_BENTO_MODEL={m['bento_model']} bentoml build")
-    if m["accepted_accuracy_drop"]:
+    manifest = result.manifest
+    files = ", ".join(a.file for a in manifest.artifacts)
+    print(f"wrote {args.out}: {files}, labels.json, manifest.json ({manifest.timings_s['total']:.1f} s)")
+    if result.bento_model:
+        print(f"saved BentoML model {result.bento_model}; build the service image with: "
+              f"RESDEPLOY_BENTO_MODEL={result.bento_model} bentoml build")
+    if manifest.accepted_accuracy_drop:
         print("warning: some artifacts are over their accuracy budget (accepted with --accept-accuracy-drop)",
               file=sys.stderr)
     return 0
@@ -81,6 +78,8 @@ def cmd_export(args) -> int:
 
 def register(sub) -> None:
     """Add ``export`` to the ``resdeploy`` parser."""
+    from training.resnet import SHORTCUTS
+
     p = sub.add_parser("export", help="BN-folded ONNX, FP16, INT8 (and TensorRT engines) behind an accuracy gate")
     p.add_argument("checkpoint", help="a resdeploy checkpoint or an imported state_dict (.pt/.pth)")
     p.add_argument("--arch", type=arch, help="required for checkpoints that do not record it")
@@ -89,7 +88,7 @@ def register(sub) -> None:
                    help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all; must include fp32)")
     p.add_argument("--calib-data", help="dataset for INT8 calibration (default: the checkpoint's training data)")
     p.add_argument("--calib-images", type=positive(int), default=128, help="calibration images (default 128)")
-    p.add_argument("--calib-method", choices=("percentile", "entropy", "minmax"), default="percentile",
+    p.add_argument("--calib-method", choices=CALIB_METHODS, default="percentile",
                    help="activation ranges: percentile (99.999th, default), entropy (KL, 2048 bins), minmax")
     g = p.add_argument_group("INT8 accuracy (docs/design.md#int8)")
     g.add_argument("--int8-min-agreement", type=percentage, metavar="PCT",
@@ -102,7 +101,7 @@ def register(sub) -> None:
                    help="layers always kept in float, by module name (e.g. conv1,fc) or ONNX node name")
     g.add_argument("--overflow-fix", choices=OVERFLOW_FIXES,
                    help="7-bit weights against u8*s8 overflow on x86 CPUs without VNNI "
-                        "(default: first-layer for int8-cpu, none for int8)")
+                        f"(default: first-layer for {INT8_CPU.name}, none for {INT8.name})")
     g.add_argument("--sensitivity", choices=SENSITIVITY_MODES, default="auto",
                    help="per-layer sensitivity: auto (when a flavour misses its budget), on, off")
     g.add_argument("--sensitivity-images", type=positive(int), default=500, metavar="N",
@@ -119,7 +118,7 @@ def register(sub) -> None:
     p.add_argument("--accept-accuracy-drop", action="store_true",
                    help="install artifacts even when over their accuracy budget (recorded in the manifest)")
     p.add_argument("--num-classes", type=positive(int), help="default: from the checkpoint")
-    p.add_argument("--shortcut", choices=("A", "B", "C"), help="default: from the checkpoint or the arch")
+    p.add_argument("--shortcut", choices=SHORTCUTS, help="default: from the checkpoint or the arch")
     p.add_argument("--bento-model", metavar="NAME",
                    help="also store the finished directory in the local BentoML model store as NAME "
                         "(lowercase letters, digits, '-', '_', '.'; e.g. resdeploy-digits)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -19,7 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from resdeploy.errors import ConfigError, PreprocessError
+from core.errors import ConfigError, PreprocessError
+
+log = logging.getLogger(__name__)
 
 TTA_MODES = ("center", "ten_crop")
 INTERPOLATIONS = {
@@ -38,6 +41,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ImageTooLargeError(PreprocessError):
     """An image whose width * height exceeds the decode limit (a decompression bomb guard)."""
+
+
+class UnsupportedImageError(PreprocessError):
+    """Bytes Pillow cannot identify as any accepted format (unknown, or a known one too corrupt to sniff)."""
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -184,7 +191,7 @@ def _decode(fp: io.BufferedIOBase, max_pixels: int | None) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"image too large: {e}") from e
     except Image.UnidentifiedImageError as e:
-        raise PreprocessError(
+        raise UnsupportedImageError(
             f"cannot decode image: not a supported format (accepted: "
             f"{', '.join(_decode_formats())})"
         ) from e
@@ -364,3 +371,23 @@ def multiscale_sizes(cfg: PreprocessConfig) -> list[int]:
     """
     scale = cfg.input_size / 224
     return sorted({max(1, round(s * scale)) for s in PAPER_SCALES})
+
+
+PREPROCESS_FLAGS = ("input_size", "resize", "crop", "mean", "std", "interpolation")
+
+
+def resolve_preprocess(recorded: "PreprocessConfig | None", fallback: "PreprocessConfig", flags: dict,
+                       source: str) -> "PreprocessConfig":
+    """The checkpoint's preprocessing (else ``fallback``, with a warning) overridden by ``flags``
+    (a dict that may hold any of :data:`PREPROCESS_FLAGS`; ``None`` values are ignored)."""
+    given = {k: flags[k] for k in PREPROCESS_FLAGS if flags.get(k) is not None}
+    base = recorded
+    if base is None:
+        base = fallback
+        missing = [k for k in ("input_size", "resize", "crop", "mean", "std") if k not in given]
+        if missing:
+            log.warning("%s records no preprocessing; taking %s from the dataset default (%s). Pass --%s to "
+                        "match how it was trained.", source, ", ".join(missing),
+                        ", ".join(f"{k}={base.to_dict()[k]}" for k in missing),
+                        "/--".join(k.replace("_", "-") for k in missing))
+    return PreprocessConfig.from_dict(base.to_dict() | given)

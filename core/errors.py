@@ -39,3 +39,10 @@ class BackendError(ResdeployError):
 
 class AccuracyGateError(ExportError):
     """One or more artifacts fell outside their accuracy budget."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``str(error)`` (cut to ``limit`` characters), else the error's
+    type name: third-party messages run to pages, and some are empty."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(error).__name__

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from resdeploy.errors import BackendError
-from serving.backends.base import Backend
+from core.backend import Backend
+from core.errors import BackendError, first_line
 
 
 def _ort():
@@ -63,7 +63,7 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers,
                                                 provider_options=provider_options)
         except Exception as e:
-            raise BackendError(f"ONNX Runtime cannot load {self.path}: {str(e).splitlines()[0]}") from e
+            raise BackendError(f"ONNX Runtime cannot load {self.path}: {first_line(e)}") from e
         inp = self.session.get_inputs()[0]
         self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
         dims = tuple(d if isinstance(d, int) else None for d in inp.shape)

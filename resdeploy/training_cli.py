@@ -12,9 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from resdeploy.cliargs import add_preprocess_flags, arch, int_list, positive, resolve_preprocess
-from resdeploy.errors import ConfigError
-from resdeploy.fsutil import write_json_atomic
+from core.errors import ConfigError
+from core.fsutil import write_json_atomic
+from core.preprocess import resolve_preprocess
+from resdeploy.cliargs import add_preprocess_flags, arch, int_list, positive
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from training.resnet import SHORTCUTS
     from training.train import AUGMENTS, SCHEDULES
 
     _add_data_flags(p)
@@ -45,7 +47,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--milestones", type=int_list, default=[], help="epochs, e.g. 15,22 (default: 50%% and 75%%)")
     p.add_argument("--plateau-patience", type=positive(int), default=3)
     p.add_argument("--warmup-epochs", type=int, default=0, help="epochs at lr/10 first (paper: ResNet-110)")
-    p.add_argument("--shortcut", choices=("A", "B", "C"), help="default: A for CIFAR nets, B for ImageNet nets")
+    p.add_argument("--shortcut", choices=SHORTCUTS, help="default: A for CIFAR nets, B for ImageNet nets")
     p.add_argument("--zero-init-residual", action="store_true", help="zero the last BN of each residual block")
     p.add_argument("--augment", choices=AUGMENTS, default="auto",
                    help="auto: the dataset's default (digits: flip), else cifar (pad-crop-flip) for "
@@ -100,22 +102,22 @@ def cmd_eval(args) -> int:
     from training.data import load_dataset
     from training.evaluate import evaluate
 
-    r = restore_model(args.checkpoint, args.arch, num_classes=args.num_classes, shortcut=args.shortcut)
+    restored = restore_model(args.checkpoint, args.arch, num_classes=args.num_classes, shortcut=args.shortcut)
     ds = load_dataset(args.dataset, data_root=args.data_root, download=args.download,
                       input_size=args.input_size or 224)
-    if r.num_classes != len(ds.classes):
-        raise ConfigError(f"the checkpoint predicts {r.num_classes} classes but {ds.name} has "
+    if restored.num_classes != len(ds.classes):
+        raise ConfigError(f"the checkpoint predicts {restored.num_classes} classes but {ds.name} has "
                           f"{len(ds.classes)}; evaluate it on a dataset with the same classes")
-    if r.classes and list(r.classes) != ds.classes:
+    if restored.classes and list(restored.classes) != ds.classes:
         log.warning("the checkpoint's classes (%s) differ from %s's (%s); labels follow the dataset's order",
-                    ", ".join(r.classes[:4]), ds.name, ", ".join(ds.classes[:4]))
-    pre = resolve_preprocess(r.preprocess, ds.preprocess, vars(args), args.checkpoint)
+                    ", ".join(restored.classes[:4]), ds.name, ", ".join(ds.classes[:4]))
+    pre = resolve_preprocess(restored.preprocess, ds.preprocess, vars(args), args.checkpoint)
     split = ds.test.subset(args.limit) if args.limit else ds.test
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    res = evaluate(r.model.to(device), split, pre, args.tta, device, progress=args.progress is not False
+    res = evaluate(restored.model.to(device), split, pre, args.tta, device, progress=args.progress is not False
                    and sys.stderr.isatty())
-    res |= {"arch": r.arch, "dataset": ds.name, "checkpoint": str(args.checkpoint), "preprocess": pre.to_dict()}
-    print(f"{r.arch} on {ds.name} ({res['n']} images, {args.tta}): top-1 {res['top1']:.2f}% "
+    res |= {"arch": restored.arch, "dataset": ds.name, "checkpoint": str(args.checkpoint), "preprocess": pre.to_dict()}
+    print(f"{restored.arch} on {ds.name} ({res['n']} images, {args.tta}): top-1 {res['top1']:.2f}% "
           f"(error {res['top1_error']:.2f}%), top-5 {res['top5']:.2f}% (error {res['top5_error']:.2f}%)")
     if args.json:
         write_json_atomic(args.json, res)
@@ -133,6 +135,9 @@ def cmd_compare(args) -> int:
 
 def register(sub) -> None:
     """Add the training-stage sub-commands to the ``resdeploy`` parser."""
+    from training.evaluate import EVAL_TTA
+    from training.resnet import SHORTCUTS
+
     p = sub.add_parser("models", help="list every architecture with parameters and GFLOPs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
@@ -146,10 +151,10 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint with centre, 10-crop or multi-scale testing")
     p.add_argument("checkpoint", help="a resdeploy checkpoint or an imported state_dict (.pt/.pth)")
     p.add_argument("--arch", type=arch, help="required for checkpoints that do not record it")
-    p.add_argument("--tta", choices=("center", "ten_crop", "multiscale"), default="center")
+    p.add_argument("--tta", choices=EVAL_TTA, default="center")
     p.add_argument("--json", help="write {top1, top5, n, tta, ...} here")
     p.add_argument("--num-classes", type=positive(int), help="default: from the checkpoint")
-    p.add_argument("--shortcut", choices=("A", "B", "C"), help="default: from the checkpoint or the arch")
+    p.add_argument("--shortcut", choices=SHORTCUTS, help="default: from the checkpoint or the arch")
     add_preprocess_flags(p)
     p.add_argument("--limit", type=positive(int), help="evaluate the first N test images only")
     _add_data_flags(p)

@@ -6,7 +6,7 @@ import abc
 
 import numpy as np
 
-from resdeploy.errors import BackendError
+from core.errors import BackendError
 
 
 class Backend(abc.ABC):
@@ -17,7 +17,7 @@ class Backend(abc.ABC):
 
     Attributes:
         name: runtime name, e.g. ``"onnxruntime"``.
-        precision: ``fp32`` | ``fp16`` | ``int8`` | ``int8-cpu``.
+        precision: a flavour name of :mod:`core.flavours` (the file's precision).
         input_shape: ``(None, 3, H, W)``; ``None`` marks the dynamic batch axis.
         max_batch_size: largest batch accepted, or ``None`` for no limit.
     """
