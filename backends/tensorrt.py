@@ -13,6 +13,7 @@ calling thread (a BentoML worker thread, a test) need not be the one that activa
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from core.backend import Backend
-from core.errors import ArtifactError, BackendError
+from core.errors import ArtifactError, BackendError, ResdeployError, first_line
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("pip install 'resdeploy[gpu]' on a host with an NVIDIA GPU and driver "
                 "(TensorRT 10 or 11, pycuda)")
@@ -60,6 +63,20 @@ def gpu_info(device_id: int = 0) -> tuple[str, str]:
     return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
 
 
+def driver_mismatch_hint(trt, error: BaseException) -> str | None:
+    """The fix, when ``error`` is how a TensorRT wheel built for a newer CUDA than the driver fails.
+
+    Creating a ``Runtime`` or ``Builder`` then raises ``TypeError: pybind11::init(): factory function
+    returned nullptr``; plain ``pip install tensorrt`` is the newest CUDA build, so this is common on
+    hosts with an older driver. ``None`` for any other error.
+    """
+    if "nullptr" not in str(error):
+        return None
+    return (f"TensorRT {getattr(trt, '__version__', '?')} could not initialise CUDA: the wheel was built for a newer "
+            "CUDA than this host's NVIDIA driver supports. Install the TensorRT wheel for the driver's CUDA "
+            "major version (`nvidia-smi` shows it), e.g. `pip install tensorrt-cu12` for CUDA 12, or update the driver")
+
+
 def tensorrt_status(inference: bool = False) -> tuple[bool, str]:
     """The one probe of "is TensorRT usable here", and why (not); it never raises.
 
@@ -78,6 +95,10 @@ def tensorrt_status(inference: bool = False) -> tuple[bool, str]:
         name, cc = gpu_info(0)
     except Exception as e:
         return False, f"TensorRT {trt.__version__} is installed but no CUDA GPU is usable ({e}); {INSTALL_HINT}"
+    try:
+        trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    except TypeError as e:
+        return False, driver_mismatch_hint(trt, e) or f"TensorRT {trt.__version__} cannot create a runtime ({e})"
     if inference:
         try:
             import pycuda.driver  # noqa: F401
@@ -178,17 +199,17 @@ class TensorRTBackend(Backend):
         self._ctx.push()
         try:
             self._load(trt, cuda)
-        except BaseException:
-            self._free()
-            cuda.Context.pop()
-            self._ctx.detach()
-            self._ctx = None
-            raise
+        except BaseException as e:
+            self._release(pushed=True)
+            if isinstance(e, (ResdeployError, KeyboardInterrupt)) or not isinstance(e, Exception):
+                raise
+            raise BackendError(f"TensorRT cannot load {self.engine_path.name}: "
+                               f"{driver_mismatch_hint(trt, e) or f'{type(e).__name__}: {first_line(e)}'}") from e
         cuda.Context.pop()
 
     def _load(self, trt, cuda) -> None:
         """Deserialize, check I/O, allocate buffers for max_batch (context pushed)."""
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # TypeError "nullptr": driver too old
         self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
             raise BackendError(f"TensorRT {trt.__version__} cannot deserialize {self.engine_path} "
@@ -227,39 +248,59 @@ class TensorRTBackend(Backend):
                 ctx = self._context
                 if not ctx.set_input_shape(self._in_name, tuple(batch.shape)):
                     raise BackendError(f"TensorRT rejected input shape {batch.shape}")
-                ctx.set_tensor_address(self._in_name, int(self._d_in))
-                ctx.set_tensor_address(self._out_name, int(self._d_out))
+                for name, buffer in ((self._in_name, self._d_in), (self._out_name, self._d_out)):
+                    if not ctx.set_tensor_address(name, int(buffer)):
+                        raise BackendError(f"TensorRT rejected the device address of tensor {name!r}")
                 cuda.memcpy_htod_async(self._d_in, self._h_in[:n], self._stream)
                 if not ctx.execute_async_v3(self._stream.handle):
                     raise BackendError(f"TensorRT execution failed for a batch of {n}")
                 cuda.memcpy_dtoh_async(self._h_out[:n], self._d_out, self._stream)
                 self._stream.synchronize()
                 return self._h_out[:n].copy()
+            except ResdeployError:
+                raise
+            except Exception as e:  # a CUDA or TensorRT error: the service answers 503 with this line
+                raise BackendError(f"TensorRT inference failed on a batch of {n}: "
+                                   f"{type(e).__name__}: {first_line(e)}") from e
             finally:
                 cuda.Context.pop()
 
     def _free(self) -> None:
-        """Drop device buffers and TensorRT objects, context before engine before runtime."""
-        for buf in (self._d_in, self._d_out):
-            if buf is not None:
-                buf.free()
-        for host in (self._h_in, self._h_out):
-            if host is not None and hasattr(host.base, "free"):
-                host.base.free()
+        """Drop device buffers and TensorRT objects, context before engine before runtime.
+
+        Best effort: a buffer that fails to free is logged and the rest are still released.
+        """
+        frees = [buf.free for buf in (self._d_in, self._d_out) if buf is not None]
+        frees += [host.base.free for host in (self._h_in, self._h_out) if host is not None and hasattr(host.base, "free")]
+        for free in frees:
+            try:
+                free()
+            except Exception as e:
+                log.warning("freeing a TensorRT buffer of %s failed: %s", self.engine_path.name, first_line(e))
         self._d_in = self._d_out = self._h_in = self._h_out = self._stream = None
         self._context = None
         self._engine = None
         self._runtime = None
 
-    def _deactivate(self) -> None:
-        with self._lock:
-            self._ctx.push()
+    def _release(self, pushed: bool) -> None:
+        """Free everything and let go of the primary context, even if a step fails (``pushed``:
+        the context is already current on this thread)."""
+        try:
+            if not pushed:
+                self._ctx.push()
             try:
                 self._free()
             finally:
                 self._cuda.Context.pop()
+        finally:
+            try:
                 self._ctx.detach()
+            finally:
                 self._ctx = None
+
+    def _deactivate(self) -> None:
+        with self._lock:
+            self._release(pushed=False)
 
     def describe(self) -> dict:
         return super().describe() | {"file": self.engine_path.name, "device_id": self.device_id,

@@ -19,8 +19,8 @@ import os
 import time
 from pathlib import Path
 
-from backends.tensorrt import gpu_info, tensorrt_status
-from core.errors import ExportError
+from backends.tensorrt import driver_mismatch_hint, gpu_info, tensorrt_status
+from core.errors import ExportError, first_line
 from core.flavours import ENGINE_PRECISIONS, FLAVOURS
 from core.fsutil import write_bytes_atomic
 
@@ -60,6 +60,26 @@ def _check_precision(precision: str) -> None:
         raise ExportError(f"unknown engine precision {precision!r}; choose one of {list(ENGINE_PRECISIONS)}")
 
 
+def _check_network_precision(trt, network, precision: str, onnx_path: Path) -> None:
+    """Refuse a file whose types do not match its label.
+
+    A strongly typed network computes in the ONNX file's own types (no precision flags exist), so
+    an fp32 file handed over as ``fp16`` or ``int8`` would silently build an fp32 engine stamped
+    with the wrong precision. Quantize layers mean int8, half tensors fp16, neither fp32.
+    """
+    quantized = half = False
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        quantized |= layer.type == trt.LayerType.QUANTIZE
+        half |= any(layer.get_output(j).dtype == trt.DataType.HALF for j in range(layer.num_outputs))
+    found = "int8" if quantized else "fp16" if half else "fp32"
+    if found != precision:
+        raise ExportError(f"{onnx_path.name} is labelled {precision} but its graph computes in {found} "
+                          f"({'Q/DQ layers' if quantized else 'half tensors' if half else 'float32 only'}); "
+                          "a strongly typed engine takes the file's own types: build from the "
+                          f"{precision} ONNX (model.{precision}.onnx)")
+
+
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, precision: str,
                  input_size: int, max_batch: int, opt_batch: int | None = None, workspace_gib: float = 4.0,
                  timing_cache: str | os.PathLike | None = None) -> dict:
@@ -80,8 +100,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         precision, tf32, build_seconds, bytes.
 
     Raises:
-        ExportError: a flavour TensorRT does not take (ONNX Runtime's int8 form) or another bad argument, TensorRT/GPU missing, parser errors
-            (every one is listed) or a failed build.
+        ExportError: a flavour TensorRT does not take (ONNX Runtime's int8 form) or another bad
+            argument, TensorRT/GPU missing or a driver too old for the wheel, parser errors (every
+            one is listed), a file whose types do not match ``precision``, or a failed build.
     """
     _check_precision(precision)  # before importing tensorrt: fails the same way on CPU hosts
     opt_batch = min(max_batch, 10) if opt_batch is None else opt_batch
@@ -99,7 +120,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     gpu_name, cc = gpu_info(0)
 
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    try:
+        builder = trt.Builder(logger)
+    except TypeError as e:  # a wheel built for a newer CUDA than the driver: "factory function returned nullptr"
+        raise ExportError(driver_mismatch_hint(trt, e) or f"TensorRT cannot create a builder: {first_line(e)}") from e
     # 10.x: strong typing is opt-in through this flag; 11.x keeps it deprecated and ignored
     # (Python API reference, Builder: NetworkDefinitionCreationFlag), so tolerate its removal.
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -112,6 +136,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if network.num_inputs != 1 or network.num_outputs != 1:
         raise ExportError(f"{onnx_path} has {network.num_inputs} inputs and {network.num_outputs} outputs; "
                           "a classifier needs one of each")
+    _check_network_precision(trt, network, precision, onnx_path)
     inp = network.get_input(0)
     dims = [int(d) for d in inp.shape]  # -1: dynamic; the batch must be, for the profile below
     if len(dims) != 4 or dims[0] != -1 or any(d not in (-1, e) for d, e in zip(dims[1:], (3, input_size, input_size))):

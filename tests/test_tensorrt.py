@@ -132,7 +132,9 @@ def _fake_modules(log: dict):
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.99.0"
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, sev=None: None})
-    trt.NetworkDefinitionCreationFlag = _Obj(STRONGLY_TYPED=0)
+    trt.NetworkDefinitionCreationFlag = _Obj(STRONGLY_TYPED=1)  # TensorRT 10.x's value (11.x: 0, deprecated)
+    trt.LayerType = _Obj(CONVOLUTION=1, QUANTIZE=33)
+    trt.DataType = _Obj(FLOAT=0, HALF=1)
     trt.MemoryPoolType = _Obj(WORKSPACE=0)
     trt.BuilderFlag = _Obj(TF32=6)  # no FP16/INT8: TensorRT 11 removed them; touching one fails
     trt.TensorIOMode = _Obj(INPUT=1, OUTPUT=2)
@@ -172,18 +174,37 @@ def _fake_modules(log: dict):
             return self.cache
 
     class Network:
+        """Layers follow the "ONNX" bytes: b"int8" adds a Quantize layer, b"fp16" half tensors."""
+
         num_inputs = num_outputs = 1
+
+        def __init__(self):
+            self.layers = []
+
+        @property
+        def num_layers(self):
+            return len(self.layers)
+
+        def get_layer(self, i):
+            return self.layers[i]
 
         def get_input(self, i):
             return _Obj(name="input", shape=(-1, 3, log["size"], log["size"]))
 
+    def layer(kind, dtype):
+        return _Obj(type=kind, num_outputs=1, get_output=lambda j: _Obj(dtype=dtype))
+
     class Parser:
         def __init__(self, network, logger):
-            self.errors = []
+            self.errors, self.network = [], network
 
         def parse(self, data, path=None):
             if data.startswith(b"bad"):
                 self.errors = ["node 3 (Conv): unsupported", "node 7 (Add): bad type"]
+            half = trt.DataType.HALF if b"fp16" in data else trt.DataType.FLOAT
+            self.network.layers = [layer(trt.LayerType.CONVOLUTION, half)]
+            if b"int8" in data:
+                self.network.layers.insert(0, layer(trt.LayerType.QUANTIZE, trt.DataType.FLOAT))
             return not self.errors
 
         @property
@@ -195,7 +216,8 @@ def _fake_modules(log: dict):
 
     class Builder:
         def __init__(self, logger):
-            pass
+            if log.get("driver_too_old"):
+                raise TypeError("pybind11::init(): factory function returned nullptr")
 
         def create_network(self, flags):
             log["network_flags"] = flags
@@ -222,8 +244,11 @@ def _fake_modules(log: dict):
 
         def set_tensor_address(self, name, ptr):
             self.addr[name] = ptr
+            return name not in log.get("reject_address", ())
 
         def execute_async_v3(self, stream_handle):
+            if "execute_error" in log:
+                raise log["execute_error"]
             n = self.shape[0]
             x = mem[self.addr["input"]].view(np.float32)[:int(np.prod(self.shape))].reshape(self.shape)
             logits = np.repeat(x.reshape(n, 3, -1).mean(-1), 4, axis=1)[:, :10]
@@ -255,7 +280,12 @@ def _fake_modules(log: dict):
             return Context()
 
     trt.Builder, trt.OnnxParser = Builder, Parser
-    trt.Runtime = lambda logger: _Obj(deserialize_cuda_engine=lambda b: Engine(json.loads(bytes(b))))
+    def runtime(logger):
+        if log.get("driver_too_old"):
+            raise TypeError("pybind11::init(): factory function returned nullptr")
+        return _Obj(deserialize_cuda_engine=lambda b: Engine(json.loads(bytes(b))))
+
+    trt.Runtime = runtime
 
     class Alloc:
         def __init__(self, nbytes):
@@ -266,6 +296,8 @@ def _fake_modules(log: dict):
 
         def free(self):
             log["freed"] = log.get("freed", 0) + 1
+            if log.get("free_fails"):
+                raise RuntimeError("cuMemFree failed: an illegal memory access was encountered")
 
     class Ctx:
         def push(self):
@@ -311,11 +343,11 @@ def fake_gpu(monkeypatch):
 
 def test_build_with_fake_tensorrt(fake_gpu, tmp_path, caplog):
     onnx = tmp_path / "model.fp16.onnx"
-    onnx.write_bytes(b"onnx")
+    onnx.write_bytes(b"onnx fp16")
     cache = tmp_path / "timing.cache"
     stamp = build_engine(onnx, tmp_path / "model.fp16.plan", precision="fp16", input_size=32, max_batch=40,
                          workspace_gib=0.5, timing_cache=cache)
-    assert fake_gpu["network_flags"] == 1 << 0  # STRONGLY_TYPED
+    assert fake_gpu["network_flags"] == 1 << 1  # STRONGLY_TYPED
     assert fake_gpu["profile"] == ("input", (1, 3, 32, 32), (10, 3, 32, 32), (40, 3, 32, 32))
     assert fake_gpu["workspace"] == 1 << 29
     assert fake_gpu["flags"] == {6: True}  # no precision flag; TF32 left alone for fp16
@@ -327,6 +359,7 @@ def test_build_with_fake_tensorrt(fake_gpu, tmp_path, caplog):
     assert cache.read_bytes() == b"+"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
+    onnx.write_bytes(b"onnx")  # float32 only
     with caplog.at_level(logging.INFO, logger="export.tensorrt"):
         stamp = build_engine(onnx, tmp_path / "model.fp32.plan", precision="fp32", input_size=32, max_batch=4,
                              timing_cache=cache)
@@ -348,7 +381,7 @@ def test_build_reports_every_parser_error_and_wrong_input(fake_gpu, tmp_path):
 
 def test_backend_with_fake_runtime(fake_gpu, tmp_path):
     onnx = tmp_path / "m.onnx"
-    onnx.write_bytes(b"onnx")
+    onnx.write_bytes(b"onnx int8")
     plan = tmp_path / "model.int8.plan"
     stamp = build_engine(onnx, plan, precision="int8", input_size=32, max_batch=12)
     rng = np.random.default_rng(0)
@@ -370,6 +403,63 @@ def test_backend_with_fake_runtime(fake_gpu, tmp_path):
     with pytest.raises(ArtifactError, match="accepts batches up to 12 but its stamp says 16"):
         TensorRTBackend(plan, "int8", stamp | {"max_batch": 16}).activate()
     assert fake_gpu["ctx_stack"] == []
+
+
+@pytest.mark.parametrize("content, label, found", [
+    (b"onnx", "fp16", "fp32"), (b"onnx", "int8", "fp32"), (b"onnx fp16", "fp32", "fp16"),
+    (b"onnx int8", "fp16", "int8"),
+])
+def test_build_refuses_a_file_whose_types_do_not_match_its_label(fake_gpu, tmp_path, content, label, found):
+    """Strong typing builds what the file computes in: a mislabelled file would be stamped wrongly."""
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(content)
+    with pytest.raises(ExportError, match=f"labelled {label} but its graph computes in {found}"):
+        build_engine(onnx, tmp_path / "e.plan", precision=label, input_size=32, max_batch=4)
+    assert not (tmp_path / "e.plan").exists()
+
+
+def test_int8_engine_builds_from_a_qdq_file(fake_gpu, tmp_path):
+    onnx = tmp_path / "model.int8.onnx"
+    onnx.write_bytes(b"onnx int8")
+    stamp = build_engine(onnx, tmp_path / "model.int8.plan", precision="int8", input_size=32, max_batch=8)
+    assert stamp["precision"] == "int8" and fake_gpu["flags"] == {6: True}  # no INT8 flag: the Q/DQ decide
+
+
+def test_a_driver_too_old_for_the_wheel_is_named_with_the_fix(fake_gpu, tmp_path):
+    onnx = tmp_path / "model.fp32.onnx"
+    onnx.write_bytes(b"onnx")
+    plan = tmp_path / "model.fp32.plan"
+    stamp = build_engine(onnx, plan, precision="fp32", input_size=32, max_batch=4)
+    fake_gpu["driver_too_old"] = True
+    usable, reason = tensorrt_status()
+    assert not usable and "newer CUDA than this host's NVIDIA driver" in reason and "tensorrt-cu12" in reason
+    with pytest.raises(ExportError, match="tensorrt-cu12"):
+        build_engine(onnx, plan, precision="fp32", input_size=32, max_batch=4)
+    with pytest.raises(BackendError, match="tensorrt-cu12"):
+        TensorRTBackend(plan, "fp32", stamp).activate()
+    assert fake_gpu["ctx_stack"] == [] and fake_gpu["detached"]
+
+
+def test_runtime_errors_become_backend_errors_and_cleanup_always_runs(fake_gpu, tmp_path):
+    onnx = tmp_path / "model.fp32.onnx"
+    onnx.write_bytes(b"onnx")
+    plan = tmp_path / "model.fp32.plan"
+    stamp = build_engine(onnx, plan, precision="fp32", input_size=32, max_batch=4)
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    backend = TensorRTBackend(plan, "fp32", stamp).activate()
+    fake_gpu["reject_address"] = ("logits",)
+    with pytest.raises(BackendError, match="rejected the device address of tensor 'logits'"):
+        backend.infer(x)
+    fake_gpu["reject_address"] = ()
+    fake_gpu["execute_error"] = RuntimeError("CUDA error 700: an illegal memory access\nframe 1\nframe 2")
+    with pytest.raises(BackendError, match=r"inference failed on a batch of 2: RuntimeError: CUDA error 700: an "
+                                           r"illegal memory access$"):
+        backend.infer(x)
+    assert fake_gpu["ctx_stack"] == []  # popped on every path
+    fake_gpu["free_fails"] = True  # a failing free must not leave the context pushed or attached
+    backend.deactivate()
+    assert fake_gpu["freed"] == 2 and fake_gpu["ctx_stack"] == [] and fake_gpu["detached"]
+    assert not backend.active
 
 
 # ---------------------------------------------------------------- real TensorRT on a GPU
