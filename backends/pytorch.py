@@ -31,14 +31,18 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, arch: str, sho
                 "model": sd}, path)
 
 
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise BackendError(f"PyTorch weights not found: {path}; re-export the artifacts (`resdeploy export` writes model.pt)")
+
+
 def load_weights(path: str | os.PathLike) -> torch.nn.Module:
     """The network of a ``model.pt`` file, in eval mode (``torch.load(weights_only=True)``).
 
     Raises:
         BackendError: unreadable, another format, or weights that do not fit the recorded network.
     """
-    if not Path(path).is_file():
-        raise BackendError(f"PyTorch weights not found: {path}; re-export the artifacts (`resdeploy export` writes model.pt)")
+    _require_file(Path(path))
     try:
         obj = read_checkpoint(path)  # torch.load(weights_only=True), with the same clear errors
     except CheckpointError as e:
@@ -73,8 +77,8 @@ class TorchBackend(Backend):
                  max_batch_size: int | None = None, device: str | None = None, half: bool = False,
                  channels_last: bool = False):
         self.path = None if weights_path is None else Path(weights_path)
-        if self.path is not None and not self.path.is_file():
-            load_weights(self.path)  # raises the not-found error
+        if self.path is not None:
+            _require_file(self.path)
         if device not in (None, "cpu", "cuda"):
             raise BackendError(f"device {device!r}: choose 'cpu' or 'cuda'")
         use_cuda = torch.cuda.is_available() if device is None else device == "cuda"

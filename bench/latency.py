@@ -48,7 +48,7 @@ from bench.common import (format_table, machine_header, machine_info, percentile
                           run_reporting_errors, write_results)
 from core.backend import Backend  # noqa: E402
 from core.errors import ArtifactError, ConfigError  # noqa: E402
-from core.flavours import FLAVOURS, FP16, FP32, INT8, INT8_CPU, ONNXRUNTIME, PYTORCH, TENSORRT, Flavour  # noqa: E402
+from core.flavours import FP16, FP32, INT8, INT8_CPU, ONNXRUNTIME, PYTORCH, TENSORRT, Flavour  # noqa: E402
 from core.manifest import Manifest  # noqa: E402
 from core.timing import MIN_ITERS, WARMUP, time_calls  # noqa: E402
 from resdeploy.cli import OneLineParser  # noqa: E402
@@ -207,9 +207,9 @@ def this_host() -> tuple[str, str, str]:
 def build_engine_file(onnx_path: Path, precision: str, size: int, max_batch: int, work: Path) -> tuple[Path, dict]:
     """``(plan, stamp)`` of the ``precision`` TensorRT engine built from ``onnx_path`` into ``work``
     (its timing cache kept there for the next engine)."""
-    from export.tensorrt import TIMING_CACHE, build_engine
+    from export.tensorrt import TIMING_CACHE, build_engine, engine_file_name
 
-    plan = work / FLAVOURS[precision].engine_file
+    plan = work / engine_file_name(precision)
     stamp = build_engine(onnx_path, plan, precision=precision, input_size=size, max_batch=max_batch,
                          timing_cache=work / TIMING_CACHE)
     return plan, stamp

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from core.errors import ArtifactError
-from core.flavours import PYTORCH
 from core.fsutil import sha256_file
 from core.preprocess import PreprocessConfig
 
@@ -25,10 +24,6 @@ LABELS = "labels.json"
 WEIGHTS_FILE = "model.pt"
 SENSITIVITY = "sensitivity.json"
 SCHEMA_VERSION = 1
-KINDS = ("onnx", "engine", PYTORCH)
-_ORDER = ("schema_version", "created", "arch", "shortcut", "num_classes", "input_size", "preprocess", "input",
-          "output", "labels", "source", "eval", "calibration", "artifacts", "versions", "sensitivity",
-          "accepted_accuracy_drop", "options", "timings_s")
 
 
 def _split(cls, data: dict) -> tuple[dict, dict]:
@@ -181,10 +176,8 @@ class Manifest:
                       eval=data.get("eval") or {}, versions=data.get("versions") or {})
 
     def to_dict(self) -> dict:
-        """The JSON object, keys in the order a reader scans them."""
+        """The JSON object, keys in the order they were read."""
         out = _joined(self)
-        if not getattr(self, "_read_order", None):  # built in code: the order a reader scans
-            out = {k: out[k] for k in sorted(out, key=lambda k: _ORDER.index(k) if k in _ORDER else len(_ORDER))}
         out["artifacts"] = [a.to_dict() for a in self.artifacts]
         for key in ("labels", "calibration", "sensitivity"):
             if out.get(key) is not None:

@@ -38,7 +38,7 @@ from core.errors import AccuracyGateError, ConfigError, DatasetError, ExportErro
 from core.flavours import FLAVOURS, FP32, PRECISIONS, TENSORRT
 from core.fsutil import write_json_atomic
 from core.machine import cpu_isa
-from core.manifest import LABELS, MANIFEST, SCHEMA_VERSION, SENSITIVITY, WEIGHTS_FILE, FileRef, Manifest, sha256_file
+from core.manifest import LABELS, MANIFEST, SCHEMA_VERSION, SENSITIVITY, WEIGHTS_FILE, Manifest, sha256_file
 from core.preprocess import PreprocessConfig, resolve_preprocess
 from export import gate, int8, qdq, quantize
 from export.fold import fold_batchnorm
@@ -328,7 +328,7 @@ def _budgets(options: ExportOptions) -> dict:
     return budgets
 
 
-def _int8_files(job: _Job, fp32: Path, gate_run: _Gate) -> tuple[FileRef | None, dict[str, dict]]:
+def _int8_files(job: _Job, fp32: Path, gate_run: _Gate) -> tuple[dict | None, dict[str, dict]]:
     """Calibrate once, then quantize (with sensitivity and fallback) every INT8 flavour asked for."""
     if not job.int8_precisions:
         return None, {}
@@ -350,7 +350,7 @@ def _int8_files(job: _Job, fp32: Path, gate_run: _Gate) -> tuple[FileRef | None,
     return calibration, reports
 
 
-def _calibration(job: _Job) -> tuple[np.ndarray, FileRef]:
+def _calibration(job: _Job) -> tuple[np.ndarray, dict]:
     """The calibration tensors (cached across re-exports by data, count and preprocessing)."""
     options, spec, preprocess = job.options, job.calib_spec, job.preprocess
     key = quantize.calibration_key(spec, options.calib_images, preprocess.to_dict())
@@ -364,7 +364,7 @@ def _calibration(job: _Job) -> tuple[np.ndarray, FileRef]:
         tensors = np.concatenate([crops for crops, _ in iter_crops(split, preprocess, "center", 64)])
         quantize.save_calibration(key, tensors, job.work)
     source = {"dataset": spec, "images": int(len(tensors)), "method": options.calib_method}
-    return tensors, FileRef.from_dict(source | _file_entry(job.work, f"{quantize.CALIB_DIR}/{key}.npy"))
+    return tensors, source | _file_entry(job.work, f"{quantize.CALIB_DIR}/{key}.npy")
 
 
 def _judge(job: _Job, gate_run: _Gate) -> dict[str, tuple[dict, tuple[bool, str]]]:
@@ -446,7 +446,7 @@ def _engines(job: _Job) -> list[dict]:
     return entries
 
 
-def _manifest(job: _Job, entries: list[dict], gate_run: _Gate, batch_diff: float, calibration: FileRef | None,
+def _manifest(job: _Job, entries: list[dict], gate_run: _Gate, batch_diff: float, calibration: dict | None,
               all_within_budget: bool) -> Manifest:
     options, restored, preprocess = job.options, job.restored, job.preprocess
     versions = {"resdeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
@@ -463,7 +463,7 @@ def _manifest(job: _Job, entries: list[dict], gate_run: _Gate, batch_diff: float
         "eval": {"dataset": job.gate_spec, "images": len(gate_run.images.labels), "tta": "center",
                  "labelled": gate_run.images.labelled, "pytorch_fp32": gate_run.reference,
                  "batch_1_7_max_logit_diff": batch_diff, "cpu": cpu_isa()},
-        "calibration": calibration.to_dict() if calibration else None, "artifacts": entries, "versions": versions,
+        "calibration": calibration, "artifacts": entries, "versions": versions,
         **({"sensitivity": _file_entry(job.work, SENSITIVITY)} if (job.work / SENSITIVITY).exists() else {}),
         "accepted_accuracy_drop": bool(options.accept_accuracy_drop and not all_within_budget),
         "options": {k: (asdict(v) if k == "int8" else v) for k, v in vars(options).items() if k != "progress"},

@@ -21,6 +21,7 @@ from torch import nn
 
 from core.errors import ConfigError, DatasetError
 from core.preprocess import PreprocessConfig, multiscale_sizes, preprocess, preprocess_full
+from core.scores import top_k_indices
 from training.data import Split, is_labelled
 
 EVAL_TTA = ("center", "ten_crop", "multiscale")
@@ -79,7 +80,7 @@ def predict_probs(model: nn.Module, split: Split, cfg: PreprocessConfig, tta: st
 
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
     """Percentage of images whose label is among the ``k`` most probable classes."""
-    order = np.argsort(-probs, axis=1, kind="stable")  # ties: lowest class, as argmax and serving
+    order = top_k_indices(probs, max(ks))  # ties: lowest class, as argmax and serving
     return {k: float(100.0 * (order[:, :k] == labels[:, None]).any(1).mean()) for k in ks}
 
 
