@@ -13,7 +13,7 @@ setup: $(VENV)/.installed                ## create .venv with the CPU stack and 
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[cpu,dev]'
 	touch $@
 
 serve: setup                             ## the main job: build the digits artifacts if missing, then serve them over HTTP

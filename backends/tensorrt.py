@@ -1,14 +1,15 @@
 """TensorRT backend: one deserialized engine, one execution context, pinned buffers, one stream.
 
-Imports nothing heavy at module import: ``tensorrt`` and ``pycuda.driver`` are imported in
+Imports nothing heavy at module import: ``tensorrt`` and the CUDA binding are imported in
 :meth:`TensorRTBackend.activate`, so this module loads on CPU hosts and without torch. The engine's
 stamp (TensorRT version, GPU name, compute capability) is checked against this host *before* the
 plan is deserialized: a plan from another TensorRT version or GPU is refused with the fix.
 
 Runtime API per NVIDIA's Python samples (samples/python/common_runtime.py): ``set_input_shape``,
 ``set_tensor_address`` for every I/O tensor, ``execute_async_v3(stream_handle)``. CUDA through
-pycuda: the device's primary context is retained and pushed/popped around every use, since the
-calling thread (a BentoML worker thread, a test) need not be the one that activated the backend.
+:mod:`backends.cuda_binding` (cuda-python, else pycuda): the device is made current around every
+use, since the calling thread (a BentoML worker thread, a test) need not be the one that activated
+the backend.
 """
 
 from __future__ import annotations
@@ -20,47 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.cuda_binding import INSTALL_HINT, CudaBinding, load_binding
 from core.backend import Backend
 from core.errors import ArtifactError, BackendError, ResdeployError, first_line
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("pip install 'resdeploy[gpu]' on a host with an NVIDIA GPU and driver "
-                "(TensorRT 10 or 11, pycuda)")
-
 
 def gpu_info(device_id: int = 0) -> tuple[str, str]:
-    """(name, "major.minor") of a CUDA device via pycuda, else cuda-python.
+    """(name, "major.minor") of a CUDA device, through :func:`backends.cuda_binding.load_binding`.
 
     Raises:
-        RuntimeError: neither binding is importable, or the device is not visible.
+        BackendError: neither cuda-python nor pycuda is importable.
+        RuntimeError: the device is not visible, or CUDA fails (no driver, driver too old).
     """
-    try:
-        import pycuda.driver as cuda
-    except ImportError:
-        cuda = None
-    if cuda is not None:
-        cuda.init()
-        if device_id >= cuda.Device.count():
-            raise RuntimeError(f"CUDA device {device_id} not found ({cuda.Device.count()} visible)")
-        dev = cuda.Device(device_id)
-        major, minor = dev.compute_capability()
-        return dev.name(), f"{major}.{minor}"
-    try:  # cuda-python: NVIDIA's samples use it since TensorRT 10.14
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise RuntimeError("neither pycuda nor cuda-python is installed") from None
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or device_id >= count:
-        raise RuntimeError(f"CUDA device {device_id} not found (cudaGetDeviceCount: {err}, {count})")
-    err, prop = cudart.cudaGetDeviceProperties(device_id)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaGetDeviceProperties failed: {err}")
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
+    cuda = load_binding()
+    count = cuda.device_count()
+    if not 0 <= device_id < count:
+        raise RuntimeError(f"CUDA device {device_id} not found ({count} visible)")
+    major, minor = cuda.capability(device_id)
+    return cuda.device_name(device_id), f"{major}.{minor}"
 
 
 def driver_mismatch_hint(trt, error: BaseException) -> str | None:
@@ -80,8 +60,9 @@ def driver_mismatch_hint(trt, error: BaseException) -> str | None:
 def tensorrt_status(inference: bool = False) -> tuple[bool, str]:
     """The one probe of "is TensorRT usable here", and why (not); it never raises.
 
-    ``inference=True`` also asks for pycuda, which :class:`TensorRTBackend` runs engines with
-    (building one needs only TensorRT and a visible GPU, through pycuda or cuda-python).
+    Usable means TensorRT imports and creates a runtime, and a CUDA binding (cuda-python or pycuda)
+    sees a GPU: building an engine and running one need the same, so ``inference`` changes nothing
+    (callers still pass it to say which they mean).
 
     Returns:
         ``(usable, reason)``; ``reason`` names the TensorRT version and GPU when usable, else what
@@ -93,22 +74,19 @@ def tensorrt_status(inference: bool = False) -> tuple[bool, str]:
         return False, f"TensorRT is not importable ({type(e).__name__}: {e}); {INSTALL_HINT}"
     try:
         name, cc = gpu_info(0)
+    except BackendError as e:  # no CUDA binding: the message names what to install
+        return False, f"TensorRT {trt.__version__} is installed; {e}"
     except Exception as e:
         return False, f"TensorRT {trt.__version__} is installed but no CUDA GPU is usable ({e}); {INSTALL_HINT}"
     try:
         trt.Runtime(trt.Logger(trt.Logger.WARNING))
     except TypeError as e:
         return False, driver_mismatch_hint(trt, e) or f"TensorRT {trt.__version__} cannot create a runtime ({e})"
-    if inference:
-        try:
-            import pycuda.driver  # noqa: F401
-        except (ImportError, OSError) as e:
-            return False, f"TensorRT runs engines here through pycuda, which is not importable ({e}); {INSTALL_HINT}"
     return True, f"TensorRT {trt.__version__} on {name} (compute capability {cc})"
 
 
 def tensorrt_usable() -> bool:
-    """TensorRT, pycuda and a CUDA GPU are all usable (the ``auto`` backend's test)."""
+    """TensorRT, a CUDA binding and a CUDA GPU are all usable (the ``auto`` backend's test)."""
     return tensorrt_status(inference=True)[0]
 
 
@@ -136,19 +114,14 @@ def check_engine_stamp(stamp: dict, tensorrt_version: str, gpu_name: str, comput
                             "`resdeploy export ... --trt` (engines are tied to their TensorRT version and GPU)")
 
 
-def _runtime():
-    """(tensorrt, pycuda.driver), or BackendError naming what to install."""
+def _runtime() -> tuple[object, CudaBinding]:
+    """(tensorrt, a CUDA binding), or BackendError naming what to install."""
     try:
         import tensorrt
     except (ImportError, OSError) as e:
         raise BackendError(f"the tensorrt backend needs TensorRT, which is not importable "
                            f"({type(e).__name__}: {e}): {INSTALL_HINT}") from e
-    try:
-        import pycuda.driver
-    except (ImportError, OSError) as e:
-        raise BackendError(f"the tensorrt backend needs pycuda, which is not importable "
-                           f"({type(e).__name__}: {e}): {INSTALL_HINT}") from e
-    return tensorrt, pycuda.driver
+    return tensorrt, load_binding()
 
 
 class TensorRTBackend(Backend):
@@ -177,38 +150,37 @@ class TensorRTBackend(Backend):
             raise BackendError(f"engine stamp of {self.engine_path.name} lacks a positive input_size/max_batch "
                                f"(got {size!r}/{max_batch!r}); rebuild it with `resdeploy export ... --trt`")
         self._lock = threading.Lock()  # one execution context: one inference at a time
-        self._cuda = self._ctx = self._runtime = self._engine = self._context = None
+        self._cuda: CudaBinding | None = None
+        self._runtime = self._engine = self._context = None
         self._stream = self._h_in = self._h_out = self._d_in = self._d_out = None
         super().__init__(precision, (None, 3, size, size), max_batch)
 
     def _activate(self) -> None:
         trt, cuda = _runtime()
         try:
-            cuda.init()
-            count = cuda.Device.count()
+            count = cuda.device_count()
+            if not 0 <= self.device_id < count:
+                raise BackendError(f"CUDA device {self.device_id} does not exist ({count} visible)")
+            name, (major, minor) = cuda.device_name(self.device_id), cuda.capability(self.device_id)
+        except ResdeployError:
+            raise
         except Exception as e:
-            raise BackendError(f"CUDA is not usable here ({e}): {INSTALL_HINT}") from e
-        if not 0 <= self.device_id < count:
-            raise BackendError(f"CUDA device {self.device_id} does not exist ({count} visible)")
-        dev = cuda.Device(self.device_id)
-        major, minor = dev.compute_capability()
-        check_engine_stamp(self.stamp, trt.__version__, dev.name(), f"{major}.{minor}")
-        # The primary context is the one the CUDA runtime (TensorRT's builder, ONNX Runtime's CUDA EP)
-        # uses, so one worker holds one context per GPU (NVIDIA's samples prefer autoprimaryctx).
-        self._cuda, self._ctx = cuda, dev.retain_primary_context()
-        self._ctx.push()
+            raise BackendError(f"CUDA is not usable here ({cuda.name}: {first_line(e)}): {INSTALL_HINT}") from e
+        check_engine_stamp(self.stamp, trt.__version__, name, f"{major}.{minor}")
+        self._cuda = cuda
         try:
-            self._load(trt, cuda)
+            with cuda.device(self.device_id):
+                self._load(trt, cuda)
         except BaseException as e:
-            self._release(pushed=True)
+            self._release()
             if isinstance(e, (ResdeployError, KeyboardInterrupt)) or not isinstance(e, Exception):
                 raise
             raise BackendError(f"TensorRT cannot load {self.engine_path.name}: "
                                f"{driver_mismatch_hint(trt, e) or f'{type(e).__name__}: {first_line(e)}'}") from e
-        cuda.Context.pop()
+        log.info("TensorRT %s runs %s on %s through %s", trt.__version__, self.engine_path.name, name, cuda.name)
 
-    def _load(self, trt, cuda) -> None:
-        """Deserialize, check I/O, allocate buffers for max_batch (context pushed)."""
+    def _load(self, trt, cuda: CudaBinding) -> None:
+        """Deserialize, check I/O, allocate buffers for max_batch (device current)."""
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # TypeError "nullptr": driver too old
         self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
@@ -234,73 +206,81 @@ class TensorRTBackend(Backend):
         if self._context is None:
             raise BackendError(f"cannot create a TensorRT execution context for {self.engine_path.name} "
                                "(out of GPU memory?)")
-        self._h_in = cuda.pagelocked_empty((profile_max, 3, size, size), np.float32)
-        self._h_out = cuda.pagelocked_empty((profile_max, classes), np.float32)
-        self._d_in, self._d_out = cuda.mem_alloc(self._h_in.nbytes), cuda.mem_alloc(self._h_out.nbytes)
-        self._stream = cuda.Stream()
+        # One at a time, so that whatever was allocated before a failure is freed by _release.
+        self._stream = cuda.stream()
+        self._h_in = cuda.pinned_empty((profile_max, 3, size, size), np.float32)
+        self._h_out = cuda.pinned_empty((profile_max, classes), np.float32)
+        self._d_in = cuda.malloc(self._h_in.nbytes)
+        self._d_out = cuda.malloc(self._h_out.nbytes)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        n, cuda = batch.shape[0], self._cuda
+        n = batch.shape[0]
         with self._lock:
-            self._ctx.push()
             try:
-                self._h_in[:n] = batch
-                ctx = self._context
-                if not ctx.set_input_shape(self._in_name, tuple(batch.shape)):
-                    raise BackendError(f"TensorRT rejected input shape {batch.shape}")
-                for name, buffer in ((self._in_name, self._d_in), (self._out_name, self._d_out)):
-                    if not ctx.set_tensor_address(name, int(buffer)):
-                        raise BackendError(f"TensorRT rejected the device address of tensor {name!r}")
-                cuda.memcpy_htod_async(self._d_in, self._h_in[:n], self._stream)
-                if not ctx.execute_async_v3(self._stream.handle):
-                    raise BackendError(f"TensorRT execution failed for a batch of {n}")
-                cuda.memcpy_dtoh_async(self._h_out[:n], self._d_out, self._stream)
-                self._stream.synchronize()
-                return self._h_out[:n].copy()
+                with self._cuda.device(self.device_id):
+                    return self._run(batch)
             except ResdeployError:
                 raise
             except Exception as e:  # a CUDA or TensorRT error: the service answers 503 with this line
                 raise BackendError(f"TensorRT inference failed on a batch of {n}: "
                                    f"{type(e).__name__}: {first_line(e)}") from e
-            finally:
-                cuda.Context.pop()
 
-    def _free(self) -> None:
-        """Drop device buffers and TensorRT objects, context before engine before runtime.
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """One batch through the engine (lock held, device current)."""
+        n, cuda, ctx = batch.shape[0], self._cuda, self._context
+        self._h_in[:n] = batch
+        if not ctx.set_input_shape(self._in_name, tuple(batch.shape)):
+            raise BackendError(f"TensorRT rejected input shape {batch.shape}")
+        for name, address in ((self._in_name, self._d_in), (self._out_name, self._d_out)):
+            if not ctx.set_tensor_address(name, address):
+                raise BackendError(f"TensorRT rejected the device address of tensor {name!r}")
+        cuda.htod_async(self._d_in, self._h_in[:n], self._stream)
+        if not ctx.execute_async_v3(cuda.stream_handle(self._stream)):
+            raise BackendError(f"TensorRT execution failed for a batch of {n}")
+        cuda.dtoh_async(self._h_out[:n], self._d_out, self._stream)
+        cuda.synchronize(self._stream)
+        return self._h_out[:n].copy()
 
-        Best effort: a buffer that fails to free is logged and the rest are still released.
+    def _free(self, cuda: CudaBinding) -> None:
+        """Free buffers and the stream, then drop TensorRT objects, context before engine before runtime.
+
+        Best effort: a failing step is logged and the rest still run.
         """
-        frees = [buf.free for buf in (self._d_in, self._d_out) if buf is not None]
-        frees += [host.base.free for host in (self._h_in, self._h_out) if host is not None and hasattr(host.base, "free")]
-        for free in frees:
-            try:
-                free()
-            except Exception as e:
-                log.warning("freeing a TensorRT buffer of %s failed: %s", self.engine_path.name, first_line(e))
+        steps = [(cuda.free, self._d_in), (cuda.free, self._d_out), (cuda.free_pinned, self._h_in),
+                 (cuda.free_pinned, self._h_out), (cuda.destroy_stream, self._stream)]
         self._d_in = self._d_out = self._h_in = self._h_out = self._stream = None
+        for step, handle in steps:
+            if handle is None:
+                continue
+            try:
+                step(handle)
+            except Exception as e:
+                log.warning("%s for TensorRT engine %s failed: %s", step.__name__, self.engine_path.name,
+                            first_line(e))
         self._context = None
         self._engine = None
         self._runtime = None
 
-    def _release(self, pushed: bool) -> None:
-        """Free everything and let go of the primary context, even if a step fails (``pushed``:
-        the context is already current on this thread)."""
+    def _release(self) -> None:
+        """Free everything with the device current, then let go of it; never raises an Exception
+        (failures are logged), so a failed activation reports its own error and deactivation ends."""
+        cuda, self._cuda = self._cuda, None
         try:
-            if not pushed:
-                self._ctx.push()
-            try:
-                self._free()
-            finally:
-                self._cuda.Context.pop()
+            with cuda.device(self.device_id):
+                self._free(cuda)
+        except Exception as e:
+            log.warning("releasing TensorRT engine %s on CUDA device %d: %s", self.engine_path.name,
+                        self.device_id, first_line(e))
         finally:
+            self._free(cuda)  # a no-op unless the device could not be made current
             try:
-                self._ctx.detach()
-            finally:
-                self._ctx = None
+                cuda.release(self.device_id)
+            except Exception as e:
+                log.warning("releasing CUDA device %d failed: %s", self.device_id, first_line(e))
 
     def _deactivate(self) -> None:
         with self._lock:
-            self._release(pushed=False)
+            self._release()
 
     def describe(self) -> dict:
         return super().describe() | {"file": self.engine_path.name, "device_id": self.device_id,

@@ -104,3 +104,26 @@ def test_the_runtime_image_needs_no_training_export_or_cli():
         reached.add(module)
         todo += GRAPH[module]
     assert {m.split(".")[0] for m in reached} == {"core", "backends", "serving"}, sorted(reached)
+
+
+def test_bentofile_packs_every_module_the_runtime_reaches():
+    """`bentoml build` copies only bentofile.yaml's ``include`` globs: a module serving reaches that
+    is not listed is missing from the Bento (an ImportError at start-up, never seen in a checkout)."""
+    import fnmatch
+
+    import yaml
+
+    include = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["include"]
+    reached, todo = set(), [m for m in GRAPH if m.startswith("serving")]
+    while todo:
+        module = todo.pop()
+        if module in reached or module == "backends.pytorch":
+            continue
+        reached.add(module)
+        todo += GRAPH[module]
+    files = {str((ROOT / m.replace(".", "/")).with_suffix(".py").relative_to(ROOT)) if
+             (ROOT / m.replace(".", "/")).with_suffix(".py").is_file() else f"{m.replace('.', '/')}/__init__.py"
+             for m in reached}
+    missing = sorted(f for f in files if not any(fnmatch.fnmatch(f, g) or fnmatch.fnmatch(f, g.replace("**/", ""))
+                                                   for g in include))
+    assert not missing, f"add to bentofile.yaml's include: {missing}"

@@ -1,9 +1,11 @@
 """TensorRT path: stamp checks, lazy imports and failure messages on CPU; real engines on a GPU.
 
 The CPU tests also drive ``build_engine`` and ``TensorRTBackend`` through a small fake of the
-``tensorrt`` and ``pycuda.driver`` modules (the API surface they call, nothing more): that checks our
-own logic (profile shapes, no precision flags, atomic writes, timing-cache reuse, buffer slicing,
-context push/pop balance), not TensorRT. The ``gpu`` tests build and run real engines.
+``tensorrt`` module (the API surface they call, nothing more) on the fake GPU of
+tests/test_cuda_binding.py, through cuda-python's module by default and pycuda's where a test asks:
+that checks our own logic (profile shapes, no precision flags, atomic writes, timing-cache reuse,
+buffer slicing, the device current on the calling thread, cleanup on every path), not TensorRT.
+The ``gpu`` tests build and run real engines.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import pytest
 from backends.tensorrt import INSTALL_HINT, TensorRTBackend, check_engine_stamp
 from core.errors import ArtifactError, BackendError, ExportError
 from export.tensorrt import ENGINE_PRECISIONS, build_engine, engine_file_name, require_tensorrt, tensorrt_status
+from test_cuda_binding import FakeCuda
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
@@ -89,7 +93,7 @@ def test_backend_constructs_without_tensorrt_and_activate_says_what_to_install(m
     plan.write_bytes(b"not an engine")
     backend = TensorRTBackend(plan, "fp16", STAMP)
     assert backend.input_shape == (None, 3, 32, 32) and backend.max_batch_size == 16
-    with pytest.raises(BackendError, match=r"TensorRT.*pip install 'resdeploy\[gpu\]'.*pycuda"):
+    with pytest.raises(BackendError, match=r"TensorRT.*pip install 'resdeploy\[gpu\]'.*cuda-python"):
         backend.activate()
     assert not backend.active
     with pytest.raises(BackendError, match="not active"):
@@ -119,16 +123,16 @@ def test_tensorrt_modules_import_without_torch_or_tensorrt(tmp_path):
     assert proc.stdout.strip() == "tensorrt"
 
 
-# ---------------------------------------------------------------- fake tensorrt + pycuda (our logic)
+# ---------------------------------------------------------------- fake tensorrt on a fake GPU (our logic)
 
 class _Obj:
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
 
-def _fake_modules(log: dict):
-    """Minimal stand-ins for tensorrt and pycuda.driver; 'device memory' is a dict of numpy arrays."""
-    mem, ctx_stack = {}, []
+def _fake_tensorrt(log: dict, cuda: FakeCuda) -> types.ModuleType:
+    """A minimal stand-in for tensorrt whose engines compute on ``cuda``'s device memory."""
+    mem = cuda.mem
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.99.0"
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, sev=None: None})
@@ -247,13 +251,14 @@ def _fake_modules(log: dict):
             return name not in log.get("reject_address", ())
 
         def execute_async_v3(self, stream_handle):
+            assert isinstance(stream_handle, int)  # the handle, not a binding's stream object
             if "execute_error" in log:
                 raise log["execute_error"]
             n = self.shape[0]
             x = mem[self.addr["input"]].view(np.float32)[:int(np.prod(self.shape))].reshape(self.shape)
             logits = np.repeat(x.reshape(n, 3, -1).mean(-1), 4, axis=1)[:, :10]
             mem[self.addr["logits"]].view(np.float32)[:logits.size] = logits.ravel()
-            log["pushed_while_running"] = len(ctx_stack)
+            log["on_device_while_running"] = cuda.on_device()
             return True
 
     class Engine:
@@ -286,59 +291,23 @@ def _fake_modules(log: dict):
         return _Obj(deserialize_cuda_engine=lambda b: Engine(json.loads(bytes(b))))
 
     trt.Runtime = runtime
-
-    class Alloc:
-        def __init__(self, nbytes):
-            mem[id(self)] = np.zeros(nbytes, np.uint8)
-
-        def __int__(self):
-            return id(self)
-
-        def free(self):
-            log["freed"] = log.get("freed", 0) + 1
-            if log.get("free_fails"):
-                raise RuntimeError("cuMemFree failed: an illegal memory access was encountered")
-
-    class Ctx:
-        def push(self):
-            ctx_stack.append(self)
-
-        def detach(self):
-            log["detached"] = True
-
-    class Device:
-        def __init__(self, i):
-            pass
-
-        count = staticmethod(lambda: 1)
-        name = lambda self: "Fake GPU"  # noqa: E731
-        compute_capability = lambda self: (9, 0)  # noqa: E731
-        retain_primary_context = lambda self: Ctx()  # noqa: E731
-
-    def htod(dst, src, stream):
-        mem[int(dst)][:src.nbytes] = np.frombuffer(np.ascontiguousarray(src).tobytes(), np.uint8)
-
-    def dtoh(dst, src, stream):
-        dst[...] = mem[int(src)][:dst.nbytes].view(dst.dtype).reshape(dst.shape)
-
-    cuda = types.ModuleType("pycuda.driver")
-    cuda.init, cuda.Device, cuda.mem_alloc, cuda.pagelocked_empty = (lambda: None), Device, Alloc, np.empty
-    cuda.Context = _Obj(pop=lambda: ctx_stack.pop())
-    cuda.Stream = lambda: _Obj(handle=7, synchronize=lambda: None)
-    cuda.memcpy_htod_async, cuda.memcpy_dtoh_async = htod, dtoh
-    pkg = types.ModuleType("pycuda")
-    pkg.driver = cuda
-    return {"tensorrt": trt, "pycuda": pkg, "pycuda.driver": cuda}, ctx_stack
+    return trt
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
-    log = {"size": 32}
-    modules, ctx_stack = _fake_modules(log)
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    log["ctx_stack"] = ctx_stack
+def fake_gpu(request, monkeypatch) -> dict:
+    """Fake TensorRT on a fake GPU reached through cuda-python, or through pycuda where a test
+    parametrizes ``fake_gpu`` indirectly with "pycuda"; returns the log both fakes write."""
+    binding = getattr(request, "param", "cuda-python")
+    log = {"size": 32, "binding": binding}
+    cuda = FakeCuda(log)
+    cuda.install(monkeypatch, (binding,))
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(log, cuda))
+    log.update(ctx_stack=cuda.ctx_stack, live=cuda.live, fail=cuda.fail)
     return log
+
+
+BOTH_BINDINGS = pytest.mark.parametrize("fake_gpu", ["cuda-python", "pycuda"], indirect=True)
 
 
 def test_build_with_fake_tensorrt(fake_gpu, tmp_path, caplog):
@@ -379,6 +348,7 @@ def test_build_reports_every_parser_error_and_wrong_input(fake_gpu, tmp_path):
         build_engine(ok, tmp_path / "e.plan", precision="fp32", input_size=224, max_batch=4)
 
 
+@BOTH_BINDINGS
 def test_backend_with_fake_runtime(fake_gpu, tmp_path):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"onnx int8")
@@ -387,16 +357,25 @@ def test_backend_with_fake_runtime(fake_gpu, tmp_path):
     rng = np.random.default_rng(0)
     with TensorRTBackend(plan, "int8", stamp) as backend:
         assert fake_gpu["ctx_stack"] == []  # activation leaves the thread's context stack as it found it
+        assert sorted(fake_gpu["live"].values()) == ["device", "device", "pinned", "pinned"] + (
+            ["stream"] if fake_gpu["binding"] == "cuda-python" else [])
         for n in (1, 7, 12):
             x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
             out = backend.infer(x)
             want = np.repeat(x.reshape(n, 3, -1).mean(-1), 4, axis=1)[:, :10]
             np.testing.assert_allclose(out, want, rtol=1e-6)
             assert out.shape == (n, 10) and out.base is None  # a copy, not a view of the pinned buffer
-        assert fake_gpu["pushed_while_running"] == 1 and fake_gpu["ctx_stack"] == []
+        assert fake_gpu["on_device_while_running"] and fake_gpu["ctx_stack"] == []
         with pytest.raises(BackendError, match="outside 1..12"):
             backend.infer(np.zeros((13, 3, 32, 32), np.float32))
-    assert fake_gpu["detached"] and fake_gpu["freed"] == 2 and fake_gpu["ctx_stack"] == []
+
+        fake_gpu["on_device_while_running"], result = None, {}  # a worker thread: the device is made current there
+        worker = threading.Thread(target=lambda: result.update(out=backend.infer(np.ones((2, 3, 32, 32), np.float32))))
+        worker.start()
+        worker.join()
+        assert fake_gpu["on_device_while_running"] and result["out"].shape == (2, 10)
+    assert not fake_gpu["live"] and fake_gpu["freed"] == fake_gpu["freed_host"] == 2
+    assert fake_gpu["ctx_stack"] == [] and fake_gpu.get("detached", False) == (fake_gpu["binding"] == "pycuda")
 
     with pytest.raises(ArtifactError, match=r"Other GPU.*\(engine\) vs Fake GPU.*\(this host\)"):
         TensorRTBackend(plan, "int8", stamp | {"gpu_name": "Other GPU"}).activate()
@@ -425,6 +404,7 @@ def test_int8_engine_builds_from_a_qdq_file(fake_gpu, tmp_path):
     assert stamp["precision"] == "int8" and fake_gpu["flags"] == {6: True}  # no INT8 flag: the Q/DQ decide
 
 
+@BOTH_BINDINGS
 def test_a_driver_too_old_for_the_wheel_is_named_with_the_fix(fake_gpu, tmp_path):
     onnx = tmp_path / "model.fp32.onnx"
     onnx.write_bytes(b"onnx")
@@ -437,9 +417,11 @@ def test_a_driver_too_old_for_the_wheel_is_named_with_the_fix(fake_gpu, tmp_path
         build_engine(onnx, plan, precision="fp32", input_size=32, max_batch=4)
     with pytest.raises(BackendError, match="tensorrt-cu12"):
         TensorRTBackend(plan, "fp32", stamp).activate()
-    assert fake_gpu["ctx_stack"] == [] and fake_gpu["detached"]
+    assert fake_gpu["ctx_stack"] == [] and not fake_gpu["live"]
+    assert fake_gpu.get("detached", False) == (fake_gpu["binding"] == "pycuda")
 
 
+@BOTH_BINDINGS
 def test_runtime_errors_become_backend_errors_and_cleanup_always_runs(fake_gpu, tmp_path):
     onnx = tmp_path / "model.fp32.onnx"
     onnx.write_bytes(b"onnx")
@@ -456,10 +438,52 @@ def test_runtime_errors_become_backend_errors_and_cleanup_always_runs(fake_gpu, 
                                            r"illegal memory access$"):
         backend.infer(x)
     assert fake_gpu["ctx_stack"] == []  # popped on every path
-    fake_gpu["free_fails"] = True  # a failing free must not leave the context pushed or attached
+    fake_gpu["free_fails"] = True  # a failing device free must not keep the rest allocated, nor the context
     backend.deactivate()
-    assert fake_gpu["freed"] == 2 and fake_gpu["ctx_stack"] == [] and fake_gpu["detached"]
+    assert fake_gpu["freed"] == 2 and fake_gpu["freed_host"] == 2 and fake_gpu["ctx_stack"] == []
+    assert sorted(fake_gpu["live"].values()) == ["device", "device"]  # what failed to free; the stream is gone
+    assert fake_gpu.get("detached", False) == (fake_gpu["binding"] == "pycuda")
     assert not backend.active
+
+
+def _engine(tmp_path) -> tuple[Path, dict]:
+    onnx = tmp_path / "model.fp32.onnx"
+    onnx.write_bytes(b"onnx")
+    plan = tmp_path / "model.fp32.plan"
+    return plan, build_engine(onnx, plan, precision="fp32", input_size=32, max_batch=4)
+
+
+def test_cuda_error_codes_become_backend_errors_naming_the_call(fake_gpu, tmp_path):
+    plan, stamp = _engine(tmp_path)
+    fake_gpu["fail"]["cudaMalloc"] = 2
+    with pytest.raises(BackendError, match=r"cannot load model.fp32.plan: CudaError: cudaMalloc failed: "
+                                           r"cudaErrorMemoryAllocation \(CUDA error 2\)$"):
+        TensorRTBackend(plan, "fp32", stamp).activate()
+    assert not fake_gpu["live"]  # the stream and pinned buffers made before the failure are freed
+    del fake_gpu["fail"]["cudaMalloc"]
+    backend = TensorRTBackend(plan, "fp32", stamp).activate()
+    fake_gpu["fail"]["cudaMemcpyAsync"] = 700
+    with pytest.raises(BackendError, match=r"inference failed on a batch of 2: CudaError: cudaMemcpyAsync failed: "
+                                           r"cudaErrorIllegalAddress \(CUDA error 700\)$"):
+        backend.infer(np.zeros((2, 3, 32, 32), np.float32))
+    fake_gpu["fail"]["cudaSetDevice"] = 101
+    with pytest.raises(BackendError, match=r"inference failed on a batch of 1: CudaError: cudaSetDevice failed"):
+        backend.infer(np.zeros((1, 3, 32, 32), np.float32))
+    backend.deactivate()  # the device cannot be made current: everything is still freed, nothing raised
+    assert not fake_gpu["live"] and not backend.active
+    fake_gpu["fail"].clear()
+    fake_gpu["fail"]["cudaGetDeviceCount"] = 35
+    with pytest.raises(BackendError, match=r"CUDA is not usable here \(cuda-python: cudaGetDeviceCount failed"):
+        TensorRTBackend(plan, "fp32", stamp).activate()
+
+
+def test_tensorrt_without_a_cuda_binding_names_what_to_install(fake_gpu, tmp_path, monkeypatch):
+    plan, stamp = _engine(tmp_path)
+    FakeCuda().install(monkeypatch, ())  # cuda-python and pycuda both unimportable; tensorrt still there
+    usable, reason = tensorrt_status(inference=True)
+    assert not usable and "neither cuda-python nor pycuda imports" in reason and INSTALL_HINT in reason
+    with pytest.raises(BackendError, match=r"neither cuda-python nor pycuda.*pip install 'resdeploy\[gpu\]'"):
+        TensorRTBackend(plan, "fp32", stamp).activate()
 
 
 # ---------------------------------------------------------------- real TensorRT on a GPU
