@@ -77,7 +77,7 @@ def _eval_set(name: str, manifest: Manifest, limit: int) -> tuple[np.ndarray, np
 
     cfg = manifest.preprocess_config
     split = load_dataset(name, input_size=cfg.input_size).test.sample(limit)
-    x = np.concatenate([preprocess(split.image(i), cfg, "center") for i in range(len(split))])
+    x = np.concatenate([preprocess(split.image(i, cfg.resize), cfg, "center") for i in range(len(split))])
     labels = np.asarray(split.labels)
     if labels.max() >= manifest.num_classes:
         raise ConfigError(f"--eval-data {name} has labels up to {labels.max()} but the model has "

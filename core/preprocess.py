@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -35,6 +36,9 @@ PAPER_SCALES = (224, 256, 384, 480, 640)
 # Formats we accept from untrusted clients. Pillow would otherwise also try EPS (which shells out
 # to Ghostscript), FITS, PSD and dozens of rarely fuzzed parsers; photos come in these.
 DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF")
+# decode_image(draft=...) keeps at least this factor between a draft-decoded JPEG's shorter side
+# and the resize target, so the resize still filters (antialiases) as it does on full decodes.
+DRAFT_FACTOR = 2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -142,7 +146,7 @@ def _decode_formats() -> tuple[str, ...]:
 
 
 def decode_image(
-    source: bytes | str | os.PathLike, max_pixels: int | None = 40_000_000
+    source: bytes | str | os.PathLike, max_pixels: int | None = 40_000_000, draft: int | None = None
 ) -> Image.Image:
     """Decodes untrusted image bytes or a file into an upright RGB image.
 
@@ -151,6 +155,12 @@ def decode_image(
         max_pixels: Largest width * height accepted, checked from the header before any pixel
             data is decoded. ``None`` disables this check; Pillow's own limit (2 *
             ``Image.MAX_IMAGE_PIXELS``, ~179 MP) still applies.
+        draft: The shorter side the caller will resize to (``PreprocessConfig.resize``). A JPEG
+            whose shorter side is at least ``DRAFT_FACTOR`` times that is decoded at 1/2, 1/4 or
+            1/8 scale in the DCT (libjpeg's scaled decoding), never below ``DRAFT_FACTOR`` times
+            ``draft`` on either side; the resize then still downsamples by at least that factor.
+            ``None`` decodes every pixel. Evaluation, calibration and serving all pass it (see
+            :func:`load_crops`), so a model is judged on the pixels it serves on.
 
     Returns:
         A loaded RGB ``PIL.Image.Image`` with EXIF orientation applied.
@@ -166,12 +176,27 @@ def decode_image(
         if len(source) == 0:
             raise PreprocessError("cannot decode image: empty input")
         with io.BytesIO(source) as fp:
-            return _decode(fp, max_pixels)
+            return _decode(fp, max_pixels, draft)
     with open(source, "rb") as fp:  # OS errors (missing file) propagate as themselves
-        return _decode(fp, max_pixels)
+        return _decode(fp, max_pixels, draft)
 
 
-def _decode(fp: io.BufferedIOBase, max_pixels: int | None) -> Image.Image:
+def draft_size(size: tuple[int, int], target: int) -> tuple[int, int] | None:
+    """The smallest (w, h) a JPEG of ``size`` may be draft-decoded to for a ``target`` shorter side.
+
+    ``None`` when the image is too small to gain (its shorter side is under ``DRAFT_FACTOR *
+    target``). The aspect ratio is kept, so libjpeg's scale (the largest of 1/2, 1/4, 1/8 that
+    keeps both sides at or above this) leaves the shorter side at ``DRAFT_FACTOR * target`` or more.
+    """
+    w, h = size
+    floor = DRAFT_FACTOR * target
+    if min(w, h) < 2 * floor:  # even 1/2 scale would fall below the floor
+        return None
+    scale = floor / min(w, h)
+    return max(1, math.ceil(w * scale - 1e-9)), max(1, math.ceil(h * scale - 1e-9))
+
+
+def _decode(fp: io.BufferedIOBase, max_pixels: int | None, draft: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Our max_pixels is the policy; Pillow's lower warning threshold is log noise.
@@ -183,6 +208,10 @@ def _decode(fp: io.BufferedIOBase, max_pixels: int | None) -> Image.Image:
                 f"image is {width}x{height} = {width * height} pixels, over the limit of "
                 f"{max_pixels} pixels; send a smaller image or raise max_pixels"
             )
+        if draft is not None and img.format == "JPEG":
+            target = draft_size(img.size, draft)
+            if target is not None:
+                img.draft(None, target)
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # phones store portraits rotated + a tag
         return _to_rgb(img)
@@ -325,10 +354,27 @@ def normalize(crops: np.ndarray, mean, std) -> np.ndarray:
     return out
 
 
-def preprocess(img: Image.Image, cfg: PreprocessConfig, tta: str = "center") -> np.ndarray:
-    """Turns a decoded image into the network's input batch.
+def crops_uint8(img: Image.Image, cfg: PreprocessConfig, tta: str = "center") -> np.ndarray:
+    """The crops of a decoded image as uint8 pixels, before normalisation.
 
     The image is resized and converted to an array once; every crop is a slice of that array.
+
+    Returns:
+        uint8 array of shape (1, crop, crop, 3) or (10, crop, crop, 3).
+
+    Raises:
+        ConfigError: If ``tta`` is not one of ``TTA_MODES``.
+    """
+    if tta not in TTA_MODES:
+        raise ConfigError(f"unknown tta {tta!r}; choose one of {list(TTA_MODES)}")
+    arr = np.asarray(resize_shorter(_to_rgb(img), cfg.resize, cfg.interpolation))
+    if tta == "center":
+        return np.ascontiguousarray(center_crop(arr, cfg.crop)[None])
+    return np.ascontiguousarray(ten_crop(arr, cfg.crop))
+
+
+def preprocess(img: Image.Image, cfg: PreprocessConfig, tta: str = "center") -> np.ndarray:
+    """Turns a decoded image into the network's input batch: :func:`crops_uint8` + :func:`normalize`.
 
     Args:
         img: A PIL image (any mode; non-RGB is converted like ``decode_image`` does).
@@ -341,14 +387,16 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig, tta: str = "center") -> 
     Raises:
         ConfigError: If ``tta`` is not one of ``TTA_MODES``.
     """
-    if tta not in TTA_MODES:
-        raise ConfigError(f"unknown tta {tta!r}; choose one of {list(TTA_MODES)}")
-    arr = np.asarray(resize_shorter(_to_rgb(img), cfg.resize, cfg.interpolation))
-    if tta == "center":
-        crops = center_crop(arr, cfg.crop)[None]
-    else:
-        crops = ten_crop(arr, cfg.crop)
-    return normalize(crops, cfg.mean, cfg.std)
+    return normalize(crops_uint8(img, cfg, tta), cfg.mean, cfg.std)
+
+
+def load_crops(data: bytes | str | os.PathLike, cfg: PreprocessConfig, tta: str = "center",
+               max_pixels: int | None = 40_000_000) -> np.ndarray:
+    """Decode (JPEG draft decoding for ``cfg.resize``) and crop: uint8 (N, crop, crop, 3).
+
+    What serving does with an upload; the float batch is ``normalize(crops, cfg.mean, cfg.std)``.
+    """
+    return crops_uint8(decode_image(data, max_pixels, draft=cfg.resize), cfg, tta)
 
 
 def preprocess_full(img: Image.Image, cfg: PreprocessConfig, shorter: int) -> np.ndarray:

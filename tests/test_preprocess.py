@@ -18,8 +18,11 @@ from core.preprocess import (
     ImageTooLargeError,
     PreprocessConfig,
     center_crop,
+    crops_uint8,
     decode_image,
+    draft_size,
     five_crop,
+    load_crops,
     multiscale_sizes,
     normalize,
     preprocess,
@@ -433,3 +436,64 @@ def test_multiscale_sizes():
     assert multiscale_sizes(CFG32) == [32, 37, 55, 69, 91]
     tiny = PreprocessConfig(1, 1, 1, (0, 0, 0), (1, 1, 1))
     assert multiscale_sizes(tiny) == [1, 2, 3]  # deduplicated, at least 1
+
+
+# --------------------------------------------------------------------------- JPEG draft decoding
+
+
+@pytest.mark.parametrize("size, target, expected", [
+    ((500, 375), 36, (96, 72)),    # floor 2*36 = 72 on the shorter side: 500 * 72/375 = 96
+    ((144, 144), 36, (72, 72)),    # exactly twice the floor: 1/2 scale is allowed
+    ((143, 300), 36, None),        # 1/2 scale would give 71 < 72: decode every pixel
+    ((100, 100), 36, None),
+    ((4032, 3024), 256, (683, 512)),  # a phone photo for an ImageNet model: ceil(4032 * 512/3024)
+])
+def test_draft_size_by_hand(size, target, expected):
+    assert draft_size(size, target) == expected
+
+
+def _photo_jpegs() -> dict[str, bytes]:
+    skimage_data = pytest.importorskip("skimage.data")
+    return {name: encode(Image.fromarray(getattr(skimage_data, name)()), "JPEG", quality=90)
+            for name in ("astronaut", "coffee", "chelsea", "rocket")}
+
+
+def test_draft_decoding_scales_by_powers_of_two_and_keeps_the_floor():
+    for name, jpg in _photo_jpegs().items():
+        full = decode_image(jpg)
+        for target in (32, 36, 64):
+            small = decode_image(jpg, draft=target)
+            # libjpeg's scaled sizes round up: ceil(side / s) for s in 1, 2, 4, 8.
+            scaled = {s: tuple(-(-side // s) for side in full.size) for s in (1, 2, 4, 8)}
+            assert small.size in scaled.values(), (name, target, full.size, small.size)
+            assert min(small.size) >= 2 * target, (name, target, small.size)
+            assert small.size != full.size, (name, target)  # these photos are all > 4x every target
+        # An ImageNet resize (256) of these photos (shorter side < 1024) changes nothing.
+        assert decode_image(jpg, draft=256).size == full.size
+        np.testing.assert_array_equal(rgb(decode_image(jpg, draft=256)), rgb(full))
+
+
+def test_draft_decoding_leaves_png_alone():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (400, 500, 3), dtype=np.uint8))
+    png = encode(img)
+    np.testing.assert_array_equal(rgb(decode_image(png, draft=32)), np.asarray(img))
+
+
+def test_draft_decoded_crops_stay_close_to_full_decoding():
+    # What draft decoding costs in pixels, on real photos, for a CIFAR-sized model: the crops a
+    # model sees differ by under 2 grey levels on average (measured 0.3-1.7; docs/design.md has
+    # its accuracy effect). A draft below the 2x floor (1/8 always) gives 2-4x larger errors.
+    cfg = PreprocessConfig(32, 36, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    for name, jpg in _photo_jpegs().items():
+        full = crops_uint8(decode_image(jpg), cfg, "ten_crop").astype(np.float64)
+        crops = load_crops(jpg, cfg, "ten_crop").astype(np.float64)
+        assert crops.shape == full.shape == (10, 32, 32, 3)
+        assert np.abs(crops - full).mean() < 2.0, name
+        assert np.abs(crops - full).max() <= 24, name
+
+
+def test_preprocess_is_normalised_uint8_crops():
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    crops = crops_uint8(img, CFG32, "ten_crop")
+    assert crops.dtype == np.uint8 and crops.shape == (10, 32, 32, 3) and crops.flags.c_contiguous
+    np.testing.assert_array_equal(normalize(crops, CFG32.mean, CFG32.std), preprocess(img, CFG32, "ten_crop"))

@@ -61,11 +61,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def image(self, i: int) -> Image.Image:
-        """Image ``i`` as RGB PIL, exactly as a client would upload it."""
+    def image(self, i: int, draft: int | None = None) -> Image.Image:
+        """Image ``i`` as RGB PIL, decoded as serving decodes an upload of it (``draft``: the
+        resize target, for JPEG draft decoding; see :func:`core.preprocess.decode_image`)."""
         if self.images is not None:
             return Image.fromarray(self.images[i])
-        return decode_image(self.paths[i])
+        return decode_image(self.paths[i], draft=draft)
 
     def subset(self, n: int) -> "Split":
         """The first ``n`` items (smoke tests, quick runs)."""

@@ -37,13 +37,15 @@ def iter_crops(split: Split, cfg: PreprocessConfig, tta: str, batch_images: int 
                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(crops, labels)``: crops (k * n_crops, 3, c, c) float32 for k images at a time.
 
-    Decoding and preprocessing run in a small thread pool (Pillow releases the GIL).
+    Decoding and preprocessing run in a small thread pool (Pillow releases the GIL), exactly as
+    serving does them (JPEG draft decoding for ``cfg.resize`` included): the export gate,
+    calibration and ``resdeploy eval`` see the pixels the service sees.
     """
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(split), batch_images):
             idx = range(start, min(start + batch_images, len(split)))
-            crops = list(pool.map(lambda i: preprocess(split.image(i), cfg, tta), idx))
+            crops = list(pool.map(lambda i: preprocess(split.image(i, cfg.resize), cfg, tta), idx))
             yield np.concatenate(crops), split.labels[idx.start:idx.stop]
 
 
