@@ -33,10 +33,14 @@ class Settings:
         bento_model: model-store tag used when ``artifacts`` is empty (``RESDEPLOY_BENTO_MODEL``).
         backend / precision: engine choice (``RESDEPLOY_BACKEND`` / ``RESDEPLOY_PRECISION``).
         max_batch: adaptive-batching cap in crops, a multiple of 10 (``RESDEPLOY_MAX_BATCH``).
-        max_latency_ms: BentoML's batching latency budget (``RESDEPLOY_MAX_LATENCY_MS``).
+        max_latency_ms: how long a request may wait for the model before a 503 (``RESDEPLOY_MAX_LATENCY_MS``).
         max_bytes / max_pixels: request and image limits (``RESDEPLOY_MAX_BYTES`` / ``_MAX_PIXELS``).
         warmup_iters: warm-up runs per batch size before /readyz says ready.
         threads: ONNX Runtime intra-op threads (0 = ORT's default).
+        workers: service worker processes, each with its own model and batcher (``RESDEPLOY_WORKERS``).
+        gpus: GPUs the workers are spread over, worker i on GPU (i - 1) mod gpus (``RESDEPLOY_GPUS``).
+        decode_threads: threads per worker decoding and cropping uploads (``RESDEPLOY_DECODE_THREADS``;
+            0 = the CPUs this process may use).
     """
 
     artifacts: str
@@ -49,6 +53,9 @@ class Settings:
     max_pixels: int
     warmup_iters: int
     threads: int
+    workers: int
+    gpus: int
+    decode_threads: int
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -68,10 +75,14 @@ class Settings:
             artifacts=os.environ.get("RESDEPLOY_ARTIFACTS", ""),
             bento_model=os.environ.get("RESDEPLOY_BENTO_MODEL", "resdeploy-digits:latest"),
             backend=backend, precision=precision, max_batch=max_batch,
-            # 2 CPUs shed load with 503 at 500 ms (docs/design.md); 60 s never sheds a queue we can serve.
+            # The queueing budget (503 past it). 500 ms shed load on 2 CPUs (docs/design.md); 60 s never
+            # sheds a queue we can serve.
             max_latency_ms=_int("RESDEPLOY_MAX_LATENCY_MS", 60_000, 10),
             max_bytes=_int("RESDEPLOY_MAX_BYTES", 20 * 1024 * 1024, 1024),
             max_pixels=_int("RESDEPLOY_MAX_PIXELS", 40_000_000, 1),
             warmup_iters=_int("RESDEPLOY_WARMUP_ITERS", 3, 1),
             threads=_int("RESDEPLOY_THREADS", 0, 0),
+            workers=_int("RESDEPLOY_WORKERS", 1, 1),
+            gpus=_int("RESDEPLOY_GPUS", 1, 1),
+            decode_threads=_int("RESDEPLOY_DECODE_THREADS", 0, 0),
         )

@@ -76,7 +76,9 @@ def load_model(directory: str | Path, backend: str = "auto", precision: str = "f
         except ImportError as e:
             raise BackendError(f"the pytorch backend needs torch and resdeploy's training package: {e}") from e
         entry = manifest.find(flavours.FP32.name, flavours.PYTORCH)
-        runtime = TorchBackend(verify_file(directory, entry), manifest.crop, device_id)
+        # model.pt holds the fp32 weights; fp16 casts them on the GPU (refused on a CPU host).
+        runtime = TorchBackend(verify_file(directory, entry), manifest.crop, device_id, max_batch_size=max_batch,
+                               half=precision == flavours.FP16.number_format, channels_last=True, cuda_graphs=True)
     else:
         raise BackendError(f"unknown backend {backend!r}")
     runtime.activate()
@@ -85,12 +87,12 @@ def load_model(directory: str | Path, backend: str = "auto", precision: str = "f
 
 
 def warm_up(model: LoadedModel, batch_sizes: list[int], iters: int) -> None:
-    """Run every batch size the service will see, so the first requests pay no lazy init."""
-    s = model.preprocess.crop
+    """Run the serving path (uint8 crops) at every batch size given, so first requests pay no lazy init."""
+    cfg = model.preprocess
     for n in batch_sizes:
-        x = np.zeros((n, 3, s, s), np.float32)
+        x = np.zeros((n, cfg.crop, cfg.crop, 3), np.uint8)
         for _ in range(iters):
-            model.backend.infer(x)
+            model.backend.infer_uint8(x, cfg.mean, cfg.std)
 
 
 def check_directory(directory: str | Path) -> None:

@@ -20,8 +20,8 @@ from core.preprocess import (
     TTA_MODES,
     ImageTooLargeError,
     UnsupportedImageError,
+    crops_uint8,
     decode_image,
-    preprocess,
 )
 
 
@@ -113,9 +113,10 @@ def options(form, num_classes: int) -> tuple[int, str]:
 
 
 def decode_and_crop(data: bytes, cfg, tta: str, max_pixels: int):
-    """Decode (limits enforced) and preprocess one upload into float32 crops."""
+    """Decode (limits enforced, JPEG draft decoding for ``cfg.resize``) and crop one upload:
+    uint8 (N, crop, crop, 3), normalised later where the model runs."""
     try:
-        img = decode_image(data, max_pixels=max_pixels)
+        img = decode_image(data, max_pixels=max_pixels, draft=cfg.resize)
     except ImageTooLargeError as e:
         raise HTTPError(413, "image_too_large", str(e)) from e
     except UnsupportedImageError as e:
@@ -137,7 +138,7 @@ def decode_and_crop(data: bytes, cfg, tta: str, max_pixels: int):
         raise HTTPError(413, "image_too_large", f"image is {w}x{h}: resizing its shorter side to {cfg.resize} "
                         f"gives {resized} pixels, over the limit of {max_pixels}; crop it to a less "
                         "extreme aspect ratio")
-    return preprocess(img, cfg, tta)
+    return crops_uint8(img, cfg, tta)
 
 
 def signature_format(data: bytes) -> str | None:

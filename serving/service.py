@@ -1,11 +1,17 @@
 """The BentoML service: ``bentoml serve serving.service:Classifier``.
 
-Two services (the BentoYolo pattern, docs/design.md):
+One service, one process per worker (``RESDEPLOY_WORKERS``, default 1), each holding:
 
-* ``Classifier`` (public): reads and limits the upload, decodes, validates and crops it with the
-  shared preprocessing, sends the crops to the engine and averages softmax over them.
-* ``Engine`` (inner, batchable): one backend, adaptive batching over *rows*, i.e. crops of many
-  requests (a 10-crop request is 10 rows; ``max_batch_size`` is a multiple of 10).
+* the public endpoints (a Starlette app, serving/http.py): read and limit the upload, decode,
+  validate and crop it with the shared preprocessing into uint8 crops, on a small thread pool;
+* one backend and one inference thread fed by an in-process adaptive batcher (serving/batcher.py)
+  over *rows*, i.e. crops of many requests (a 10-crop request is 10 rows; ``max_batch`` is a
+  multiple of 10). The backend normalises the uint8 crops where it runs (``infer_uint8``).
+
+Why not BentoML's two-service pattern (a batchable inner service over ``bentoml.depends``), which
+this service used until issue #11: every request paid a second HTTP hop, pickled float32 crops
+both ways and a per-call client, ~6 ms of host CPU per digits request on the dev CPU, and the
+server delivered 40-55% of its own in-process pipeline; docs/design.md#serving has the figures.
 
 Model source: ``RESDEPLOY_ARTIFACTS=DIR``, else the BentoML model-store model
 ``RESDEPLOY_BENTO_MODEL`` (default ``resdeploy-digits:latest``), referenced at class scope so that
@@ -17,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
@@ -29,8 +37,10 @@ from starlette.routing import Route
 from core.manifest import read_labels, read_manifest
 from core.scores import softmax, top_k
 from serving import http
+from serving.batcher import Batcher, Closed, Overloaded
 from serving.config import Settings
 from serving.engine import LoadedModel, check_directory, load_model, warm_up
+from serving.memory import limit_malloc_arenas
 
 log = logging.getLogger("serving")
 SETTINGS = Settings.from_env()
@@ -46,74 +56,31 @@ def metrics():
     return {
         "preprocess": p.Histogram("resdeploy_preprocess_seconds", "decode + crop time per image",
                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)),
-        "crops": p.Histogram("resdeploy_crops_per_batch", "rows (crops) per engine batch",
-                             buckets=(1, 2, 5, 10, 11, 20, 30, 40, 60, 80, 100, 200)),
+        "crops": p.Histogram("resdeploy_crops_per_batch", "rows (crops) per inference batch",
+                             buckets=(1, 2, 5, 10, 11, 20, 30, 40, 60, 80, 100, 200, 400)),
+        "requests": p.Histogram("resdeploy_requests_per_batch", "images (requests' blocks of rows) per inference batch",
+                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64)),
+        "queue": p.Histogram("resdeploy_queue_seconds", "wait of the oldest request in a batch for the model",
+                             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)),
         "rejected": p.Counter("resdeploy_rejected_requests", "requests answered 4xx/503, by reason", ["reason"]),
     }
 
 
-def _directory(svc) -> Path:
-    return Path(SETTINGS.artifacts) if SETTINGS.artifacts else Path(svc.bento_model.path)
+def _observe(rows: int, requests: int, wait_s: float) -> None:
+    m = metrics()
+    m["crops"].observe(rows)
+    m["requests"].observe(requests)
+    m["queue"].observe(wait_s)
 
 
 def _device_id() -> int:
-    """One GPU per worker: BentoML's worker_index is 1-based."""
+    """Worker i (BentoML's worker_index is 1-based) runs on GPU (i - 1) mod RESDEPLOY_GPUS."""
     index = getattr(bentoml.server_context, "worker_index", None)
-    return max(0, (index or 1) - 1)
+    return max(0, (index or 1) - 1) % SETTINGS.gpus
 
 
-# BentoML 1.4.40's client to a dependency replaces its aiohttp session every 100 requests or 300 s
-# (runner_connection defaults) by closing the old one while calls on it are still in flight: under
-# concurrent load those fail ("Connector is closed.", "Server disconnected") and became 503s here
-# (tests/test_service.py reproduces it with 64-request bursts). The engine is a local worker whose
-# address never changes, so the session is never refreshed.
-NO_SESSION_REFRESH = {"max_requests": 2**62, "max_age": 1e12}
-
-
-@bentoml.service(name="resdeploy_engine", traffic={"timeout": 300}, runner_connection=NO_SESSION_REFRESH)
-class Engine:
-    """Loads, verifies and warms the backend in the background; ``/readyz`` is 503 until done."""
-
-    if not SETTINGS.artifacts:
-        bento_model = bentoml.models.BentoModel(SETTINGS.bento_model)
-
-    def __init__(self) -> None:
-        self.model: LoadedModel | None = None
-        self.error: BaseException | None = None
-        self.ready = threading.Event()
-        metrics()
-        threading.Thread(target=self._load, name="resdeploy-load", daemon=True).start()
-
-    def _load(self) -> None:
-        try:
-            t0 = time.perf_counter()
-            self.model = load_model(_directory(self), SETTINGS.backend, SETTINGS.precision, _device_id(),
-                                    SETTINGS.threads)
-            warm_up(self.model, sorted({1, 10, SETTINGS.max_batch}), SETTINGS.warmup_iters)
-            self.ready.set()
-            log.info("engine ready in %.1f s: %s", time.perf_counter() - t0, self.model.backend.describe())
-        except BaseException as e:  # surfaced by /readyz staying 503 and by infer()
-            self.error = e
-            log.exception("engine failed to load")
-
-    def __is_ready__(self) -> bool:
-        return self.ready.is_set()
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch,
-                 max_latency_ms=SETTINGS.max_latency_ms)
-    def infer(self, crops: np.ndarray) -> np.ndarray:
-        """Logits for a batch of preprocessed crops (rows of many requests)."""
-        if not self.ready.wait(timeout=0 if self.error else 120):
-            raise bentoml.exceptions.ServiceUnavailable(f"engine not ready: {self.error or 'still loading'}")
-        metrics()["crops"].observe(len(crops))
-        return self.model.backend.infer(np.ascontiguousarray(crops, dtype=np.float32))
-
-    @bentoml.api
-    def describe(self) -> dict:
-        """The loaded model's summary (backend, precision, hashes)."""
-        if not self.ready.is_set():
-            raise bentoml.exceptions.ServiceUnavailable("engine not ready")
-        return self.model.summary() | {"backend_info": self.model.backend.describe()}
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 async def _classify_images(request, batch: bool):
@@ -125,7 +92,7 @@ async def _classify_images(request, batch: bool):
         form = await http.parse_form(request, body, max_files)
         images = await http.images_from(form, max_files)
         k, tta = http.options(form, svc.num_classes)
-        # All images at once, so the engine batches their crops together.
+        # All images at once, so the batcher runs their crops together.
         results = list(await asyncio.gather(*(svc.classify_bytes(data, k, tta) for data in images)))
     except http.HTTPError as e:
         metrics()["rejected"].labels(e.error).inc()
@@ -146,10 +113,10 @@ async def classify_batch(request):
 async def model(request):
     svc = bentoml.get_current_service()
     try:
-        info = await svc.engine.to_async.describe()
-    except Exception as e:
-        return http.error_response(http.HTTPError(503, "not_ready", f"engine not ready: {e}"))
-    return http.json_response(info)
+        loaded = svc.loaded()
+    except http.HTTPError as e:
+        return http.error_response(e)
+    return http.json_response(loaded.summary() | {"backend_info": loaded.backend.describe()})
 
 
 app = Starlette(routes=[Route("/classify", classify, methods=["POST"]),
@@ -157,45 +124,82 @@ app = Starlette(routes=[Route("/classify", classify, methods=["POST"]),
                         Route("/model", model, methods=["GET"])])
 
 
-@bentoml.service(name="resdeploy", traffic={"timeout": 300})
+@bentoml.service(name="resdeploy", traffic={"timeout": 300}, workers=SETTINGS.workers)
 @bentoml.asgi_app(app, path="/")
 class Classifier:
-    """Public endpoints: ``POST /classify``, ``POST /classify_batch``, ``GET /model``."""
+    """Public endpoints: ``POST /classify``, ``POST /classify_batch``, ``GET /model``.
 
-    engine = bentoml.depends(Engine)
+    The model loads, is hash-verified and warmed up in a background thread; ``/readyz`` is 503
+    until then (``__is_ready__``), and so is every request.
+    """
+
     if not SETTINGS.artifacts:
         bento_model = bentoml.models.BentoModel(SETTINGS.bento_model)
 
     def __init__(self) -> None:
-        directory = _directory(self)
-        self.manifest = read_manifest(directory)
-        self.labels = read_labels(directory, self.manifest)  # hash-checked
+        limit_malloc_arenas()
+        self.directory = Path(SETTINGS.artifacts) if SETTINGS.artifacts else Path(self.bento_model.path)
+        self.manifest = read_manifest(self.directory)
+        self.labels = read_labels(self.directory, self.manifest)  # hash-checked
         self.num_classes = self.manifest.num_classes
         self.preprocess = self.manifest.preprocess_config
+        self.model: LoadedModel | None = None
         self.model_info: dict | None = None
+        self.batcher: Batcher | None = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads or _cpus(), thread_name_prefix="resdeploy-decode")
         metrics()
+        threading.Thread(target=self._load, name="resdeploy-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            model = load_model(self.directory, SETTINGS.backend, SETTINGS.precision, _device_id(),
+                               SETTINGS.threads, SETTINGS.max_batch)
+            warm_up(model, sorted({1, 10, SETTINGS.max_batch}), SETTINGS.warmup_iters)
+            mean, std = model.preprocess.mean, model.preprocess.std
+            self.batcher = Batcher(lambda rows: model.backend.infer_uint8(rows, mean, std), SETTINGS.max_batch,
+                                   SETTINGS.max_latency_ms / 1000, _observe)
+            self.model = model
+            self.model_info = {"arch": model.manifest.arch, "precision": model.entry.precision,
+                               "backend": model.backend.name, "sha256": model.entry.sha256}
+            self.ready.set()
+            log.info("model ready in %.1f s: %s", time.perf_counter() - t0, model.backend.describe())
+        except BaseException as e:  # surfaced by /readyz staying 503 and by every request
+            self.error = e
+            log.exception("model failed to load")
+
+    def __is_ready__(self) -> bool:
+        return self.ready.is_set()
+
+    def loaded(self) -> LoadedModel:
+        """The ready model, else a 503 saying why not."""
+        if not self.ready.is_set():
+            detail = f"model failed to load: {self.error}" if self.error else "model still loading; poll /readyz"
+            raise http.HTTPError(503, "not_ready", detail)
+        return self.model
 
     async def classify_bytes(self, data: bytes, k: int, tta: str) -> dict:
-        """Decode, crop, infer, average softmax over crops, top-k (one image)."""
-        import anyio
-
+        """Decode, crop, infer (batched with other requests), average softmax over crops, top-k."""
+        self.loaded()  # refuse before decoding anything
         t0 = time.perf_counter()
-        crops = await anyio.to_thread.run_sync(http.decode_and_crop, data, self.preprocess, tta, SETTINGS.max_pixels)
+        crops = await asyncio.get_running_loop().run_in_executor(
+            self.decoders, http.decode_and_crop, data, self.preprocess, tta, SETTINGS.max_pixels)
         t_pre = time.perf_counter()
         metrics()["preprocess"].observe(t_pre - t0)
         try:
-            logits = await self.engine.to_async.infer(crops)
+            logits = await self.batcher.submit(crops)
+        except (Overloaded, Closed) as e:
+            metrics()["rejected"].labels("overloaded").inc()
+            raise http.HTTPError(503, "overloaded", str(e)) from e
         except Exception as e:
-            metrics()["rejected"].labels("engine_unavailable").inc()
-            raise http.HTTPError(503, "engine_unavailable", f"inference failed: {e}") from e
+            metrics()["rejected"].labels("inference_failed").inc()
+            raise http.HTTPError(503, "inference_failed", f"inference failed: {e}") from e
         t_inf = time.perf_counter()
-        if self.model_info is None:  # the engine's real choice (auto backend; the int8 file the runtime loads)
-            described = await self.engine.to_async.describe()
-            self.model_info = {key: described[key] for key in ("arch", "precision", "backend", "sha256")}
         probs = softmax(np.asarray(logits, dtype=np.float64)).mean(axis=0)
         best = top_k(probs, k, self.labels)
-        return {"top1": best[0], "top_k": best, "tta": tta,
-                "model": self.model_info,
+        return {"top1": best[0], "top_k": best, "tta": tta, "model": self.model_info,
                 "timing_ms": {"preprocess": round((t_pre - t0) * 1000, 3),
                               "inference": round((t_inf - t_pre) * 1000, 3),
                               "total": round((time.perf_counter() - t0) * 1000, 3)}}

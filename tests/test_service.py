@@ -93,12 +93,13 @@ def labels(digits_artifacts: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def offline(digits_artifacts: Path, manifest: dict):
-    """Probabilities the service should give: same file, same backend, same preprocessing."""
+    """Probabilities the service should give: same file, same backend, same preprocessing (JPEG
+    draft decoding included), computed without the service: float crops, no batcher, no HTTP."""
     cfg = PreprocessConfig.from_dict(manifest["preprocess"])
     with OnnxRuntimeBackend(digits_artifacts / "model.fp32.onnx", providers=["CPUExecutionProvider"]) as backend:
 
         def run(data: bytes, tta: str = "ten_crop") -> np.ndarray:
-            logits = backend.infer(preprocess(decode_image(data), cfg, tta)).astype(np.float64)
+            logits = backend.infer(preprocess(decode_image(data, draft=cfg.resize), cfg, tta)).astype(np.float64)
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             return (e / e.sum(axis=1, keepdims=True)).mean(axis=0)
 
@@ -233,8 +234,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(client, sa
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=120, limits=limits,
                                      trust_env=False) as ac:
-            # Two bursts: 128 engine calls cross BentoML's default 100-request session refresh
-            # inside a burst, which used to fail in-flight calls (serving/service.py).
+            # Two bursts, so the second meets a batcher that has already run (state carried over).
             return [await asyncio.gather(*[ac.post("/classify", files=_image(d)) for d in uploads])
                     for _ in range(BURSTS)]
 
@@ -247,17 +247,20 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(client, sa
             assert [e["index"] for e in a["top_k"]] == top
             np.testing.assert_allclose([e["prob"] for e in a["top_k"]], probs, rtol=1e-3, atol=1e-12)
 
-    # The engine's histogram is aggregated over BentoML's worker processes on the public /metrics.
+    # The batcher's histograms, aggregated over BentoML's worker processes on /metrics.
     after = _metrics(client)
 
-    def delta(sample: str, le: str | None = None) -> float:
-        key = (f"resdeploy_crops_per_batch_{sample}", (("le", le),) if le else ())
+    def delta(sample: str, le: str | None = None, metric: str = "resdeploy_crops_per_batch") -> float:
+        key = (f"{metric}_{sample}", (("le", le),) if le else ())
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     batches, rows = delta("count"), delta("sum")
-    assert rows == BURSTS * 64 * 10, (rows, batches)  # every ten-crop request: 10 rows through the engine
-    assert delta("bucket", "+Inf") > delta("bucket", "10.0"), "no engine batch larger than one request"
-    assert batches < BURSTS * 64, f"{batches} engine batches for {BURSTS * 64} requests: nothing was batched"
+    assert rows == BURSTS * 64 * 10, (rows, batches)  # every ten-crop request: 10 rows through the model
+    assert delta("bucket", "+Inf") > delta("bucket", "10.0"), "no batch larger than one request"
+    assert batches < BURSTS * 64, f"{batches} batches for {BURSTS * 64} requests: nothing was batched"
+    # Requests per batch: every request ran exactly once, in as many batches as the rows say.
+    assert delta("sum", metric="resdeploy_requests_per_batch") == BURSTS * 64
+    assert delta("count", metric="resdeploy_requests_per_batch") == batches
 
 
 # 4. Bad input ---------------------------------------------------------------------------------
@@ -432,10 +435,10 @@ def test_service_module_imports_without_torch(digits_artifacts: Path):
     script = ("import sys; sys.modules['torch'] = None\n"
               "import serving.service as s\n"
               "assert sys.modules['torch'] is None\n"
-              "print(s.Classifier.name, s.Engine.name)\n")
+              "print(s.Classifier.name)\n")
     env = os.environ | {"PYTHONPATH": str(ROOT), "RESDEPLOY_ARTIFACTS": str(digits_artifacts),
                         "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["resdeploy", "resdeploy_engine"]
+    assert proc.stdout.split() == ["resdeploy"]
