@@ -4,15 +4,32 @@
 requests (multipart field ``image``) from ``concurrency`` asyncio workers, level by level, each
 level bounded by ``--requests`` and ``--max-seconds`` (whichever comes first). Per level it reports
 requests/s, images/s (successful requests/s: one image per request), p50/p95/p99 latency, errors by
-HTTP status or connection error, and how the server batched: the change of the service's own
-``resdeploy_crops_per_batch`` histogram (rows per engine batch) and of BentoML's
-``bentoml_service_adaptive_batch_size`` (calls per batch) read from ``/metrics`` before and after.
+HTTP status or connection error, and how the server batched: the change of the service's
+``resdeploy_crops_per_batch`` (rows per inference batch) and ``resdeploy_requests_per_batch``
+(requests per batch; BentoML's ``bentoml_service_adaptive_batch_size`` where only that exists)
+histograms read from ``/metrics`` before and after. Images: ``--num-images`` seeded random PNGs,
+``--images DIR`` files, ``--photos`` scikit-image's colour sample photos as JPEG quality 90.
 
-Where the time goes (bench/loadstats.py): CPU milliseconds per request of the client (this
-process) and of the server's process tree (found by its port, or ``--server-pid``), and with
-``--raw DIR`` the same artifact run in this process on ``--raw-batch``-crop batches after the sweep:
-``pct_of_raw`` is served images/s as a share of that raw rate, and the server's CPU per request
-beyond the raw CPU per image is what HTTP, decoding and the hop between the two services cost.
+Where the time goes (bench/loadstats.py): CPU ms per request of the client (this process) and of
+the server's process tree (found by its port, or ``--server-pid``) per process role. With ``--raw
+DIR`` two in-process yardsticks follow the sweep, on the artifact the server runs:
+
+* ``raw``: the model alone on random ``--raw-batch``-crop batches; ``pct_of_raw`` = served
+  images/s as a share of it;
+* ``pipeline``: for the very images the run sends, decode + crop (``core.preprocess.load_crops``,
+  one thread: ``decode_ms_per_image``, ``decode_cpu_ms_per_image``) and ``infer_uint8`` on
+  ``--raw-batch``-crop batches of those crops (``model_ms_per_image``, ``model_cpu_ms_per_image``)::
+
+      pipeline_images_per_s = 1000 / (decode_ms_per_image / cores + model_ms_per_image)
+
+  with ``cores = len(os.sched_getaffinity(0))``: decoding spreads over the cores, the model already
+  uses all of them. ``pct_of_pipeline`` = served images/s as a share of it, and
+  ``overhead_cpu_ms_per_req`` = server CPU ms per request - (decode + model CPU ms per image):
+  the host CPU the service spends outside decoding and the model (HTTP, multipart, batching).
+
+``--soak-minutes M`` (bench/soak.py) runs the first concurrency level for M minutes instead,
+sampling the RSS of every server process every ``--sample-seconds``; ``--max-growth-pct P``
+fails the run if a process grew more than P% after ``--settle-minutes``.
 
 Only loopback hosts are accepted unless ``--allow-remote``: a load test is traffic someone pays for.
 The metrics are server-wide, so other clients hitting the same server during a level are counted
@@ -31,23 +48,23 @@ import asyncio  # noqa: E402
 import io  # noqa: E402
 import ipaddress  # noqa: E402
 import math  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
 from bench.common import (format_table, machine_header, machine_info, percentiles, positive_ints,  # noqa: E402
                           write_results)
+from bench import soak  # noqa: E402
+from bench.loadstats import METRICS, batch_fields, parse_histograms, raw_mismatch  # noqa: E402
 from resdeploy.cli import OneLineParser  # noqa: E402
 
-CROPS_METRIC = "resdeploy_crops_per_batch"  # serving/service.py: rows (crops) per engine batch
-BENTO_METRIC = "bentoml_service_adaptive_batch_size"  # BentoML: calls per adaptive batch
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
         ".webp": "image/webp", ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff"}
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-_LE = re.compile(r'(?:^|,)\s*le="([^"]*)"')
+# skimage.data's colour photos and the file each reads from the package's own data folder
+PHOTOS = {"astronaut": "astronaut.png", "coffee": "coffee.png", "chelsea": "chelsea.png", "rocket": "rocket.jpg",
+          "immunohistochemistry": "ihc.png", "hubble_deep_field": "hubble_deep_field.jpg", "retina": "retina.jpg"}
 
 
 class LoadError(Exception):
@@ -91,8 +108,35 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
-def make_images(size: int, count: int, seed: int, directory: str | None) -> list[tuple[str, bytes, str]]:
-    """Seeded random RGB PNGs of ``size`` x ``size`` plus the image files of ``directory``."""
+def photo_images(quality: int = 90) -> list[tuple[str, bytes, str]]:
+    """scikit-image's bundled colour photos, JPEG-encoded in memory (no file written, nothing downloaded)."""
+    try:
+        import skimage
+        import skimage.data
+    except ImportError as e:
+        raise LoadError(f"--photos needs scikit-image (pip install scikit-image): {e}") from None
+    from PIL import Image
+
+    data_dir = Path(getattr(skimage.data, "data_dir", ""))
+    out = []
+    for name, file in PHOTOS.items():
+        load = getattr(skimage.data, name, None)
+        if load is None or not (data_dir / file).is_file():  # only what ships with the package: never fetch
+            continue
+        arr = load()
+        if arr.ndim != 3 or arr.shape[-1] != 3 or str(arr.dtype) != "uint8":
+            continue
+        buf = io.BytesIO()
+        Image.fromarray(arr, "RGB").save(buf, "JPEG", quality=quality)
+        out.append((f"{name}.jpg", buf.getvalue(), "image/jpeg"))
+    if not out:
+        raise LoadError(f"--photos: scikit-image {skimage.__version__} ships none of {', '.join(PHOTOS)}")
+    return out
+
+
+def make_images(size: int, count: int, seed: int, directory: str | None,
+                photos: bool = False) -> list[tuple[str, bytes, str]]:
+    """Seeded random RGB PNGs of ``size`` x ``size``, the image files of ``directory`` and the photos."""
     import numpy as np
     from PIL import Image
 
@@ -110,58 +154,11 @@ def make_images(size: int, count: int, seed: int, directory: str | None) -> list
         if not files:
             raise LoadError(f"--images {directory!r} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
         images += [(p.name, p.read_bytes(), MIME[p.suffix.lower()]) for p in files]
+    if photos:
+        images += photo_images()
     if not images:
-        raise LoadError("no images: give --num-images > 0 or --images DIR")
+        raise LoadError("no images: give --num-images > 0, --images DIR or --photos")
     return images
-
-
-# ---------------------------------------------------------------- Prometheus histograms
-
-
-def parse_histograms(text: str, names: tuple[str, ...]) -> dict[str, dict]:
-    """``{name: {"buckets": {le: cumulative count}, "sum", "count"}}`` summed over label sets."""
-    out: dict[str, dict] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        sample, labels, value = m.groups()
-        for name in names:
-            if not sample.startswith(name):
-                continue
-            suffix = sample[len(name):]
-            if suffix not in ("_bucket", "_sum", "_count"):
-                continue
-            h = out.setdefault(name, {"buckets": {}, "sum": 0.0, "count": 0.0})
-            v = float(value)
-            if suffix == "_bucket":
-                le = _LE.search(labels or "")
-                if le:
-                    h["buckets"][le.group(1)] = h["buckets"].get(le.group(1), 0.0) + v
-            else:
-                h[suffix[1:]] += v
-    return out
-
-
-def _le_key(le: str) -> float:
-    return math.inf if le == "+Inf" else float(le)
-
-
-def histogram_delta(before: dict | None, after: dict | None) -> dict | None:
-    """Batches per bucket (not cumulative), batch count and mean size between two snapshots."""
-    if not after:
-        return None
-    before = before or {"buckets": {}, "sum": 0.0, "count": 0.0}
-    count = after["count"] - before["count"]
-    total = after["sum"] - before["sum"]
-    per_bucket, prev = {}, 0.0
-    for le in sorted(after["buckets"], key=_le_key):
-        cum = after["buckets"][le] - before["buckets"].get(le, 0.0)
-        label = "+Inf" if le == "+Inf" else f"{_le_key(le):g}"
-        per_bucket[label] = int(round(cum - prev))
-        prev = cum
-    return {"buckets": per_bucket, "batches": int(round(count)),
-            "mean": total / count if count > 0 else None}
 
 
 # ---------------------------------------------------------------- load
@@ -175,14 +172,17 @@ async def _metrics(client, url: str) -> dict[str, dict] | None:
         print(f"warning: GET {url}/metrics failed ({type(e).__name__}: {e}); no batch histogram",
               file=sys.stderr)
         return None
-    return parse_histograms(r.text, (CROPS_METRIC, BENTO_METRIC))
+    return parse_histograms(r.text, METRICS)
 
 
-async def run_level(url: str, images: list, tta: str, concurrency: int, n_requests: int,
-                    max_seconds: float, timeout: float, meter=None) -> dict[str, Any]:
+async def run_level(url: str, images: list, tta: str, concurrency: int, n_requests: float,
+                    max_seconds: float, timeout: float, meter=None,
+                    ticker: tuple[float, Callable[[float, int, int, int], None]] | None = None) -> dict[str, Any]:
     """One concurrency level: ``concurrency`` workers until ``n_requests`` or ``max_seconds``.
 
     ``meter`` (a bench.loadstats.CpuMeter) is read just around the requests, /metrics reads excluded.
+    ``ticker = (every_s, callback)`` calls ``callback(t_s, requests, ok, errors)`` at the start,
+    every ``every_s`` seconds and at the end (soak mode's samples).
     """
     import httpx
 
@@ -190,6 +190,8 @@ async def run_level(url: str, images: list, tta: str, concurrency: int, n_reques
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         before = await _metrics(client, url)
         issued, ok, latencies, errors = 0, 0, [], Counter()
+        if ticker is not None:
+            ticker[1](0.0, 0, 0, 0)
         if meter is not None:
             meter.start()
         t0 = time.perf_counter()
@@ -216,13 +218,22 @@ async def run_level(url: str, images: list, tta: str, concurrency: int, n_reques
                     ok += 1
                     latencies.append(latency_ms)
 
+        async def tick(every: float, callback) -> None:
+            k = 1
+            while t0 + k * every < deadline - 1e-3:
+                await asyncio.sleep(max(0.0, t0 + k * every - time.perf_counter()))
+                callback(time.perf_counter() - t0, issued, ok, sum(errors.values()))
+                k += 1
+
+        ticking = asyncio.create_task(tick(*ticker)) if ticker is not None else None
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
         cpu = meter.stop(issued, elapsed) if meter is not None else {}
+        if ticking is not None:
+            ticking.cancel()
+            ticker[1](elapsed, issued, ok, sum(errors.values()))
         after = await _metrics(client, url)
 
-    crops = histogram_delta((before or {}).get(CROPS_METRIC), (after or {}).get(CROPS_METRIC))
-    bento = histogram_delta((before or {}).get(BENTO_METRIC), (after or {}).get(BENTO_METRIC))
     row: dict[str, Any] = {
         "concurrency": concurrency, "requests": issued, "ok": ok, "errors": dict(errors),
         "elapsed_s": elapsed, "stopped_by": "requests" if issued >= n_requests else "time",
@@ -233,10 +244,7 @@ async def run_level(url: str, images: list, tta: str, concurrency: int, n_reques
         p = percentiles(latencies)
         row.update(p50_ms=p["p50_ms"], p95_ms=_quantile(latencies, 0.95), p99_ms=p["p99_ms"],
                    mean_ms=p["mean_ms"])
-    row.update(batches=crops and crops["batches"], mean_crops_per_batch=crops and crops["mean"],
-               batch_histogram=crops and crops["buckets"],
-               mean_calls_per_batch=bento and bento["mean"], bentoml_batch_histogram=bento and bento["buckets"])
-    return row
+    return row | batch_fields(before, after)
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -306,21 +314,49 @@ def build_parser() -> OneLineParser:
     p.add_argument("--image-size", type=int, default=64, help="side of the random PNGs (default 64)")
     p.add_argument("--num-images", type=int, default=8, help="random PNGs to cycle through (default 8)")
     p.add_argument("--images", metavar="DIR", help="also send the image files of DIR")
+    p.add_argument("--photos", action="store_true", help="also send scikit-image's colour sample photos "
+                   "(astronaut, coffee, ...) as JPEG quality 90")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="untimed requests before the first level")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "load.json"), help="results JSON")
     p.add_argument("--csv", help="also write the rows as CSV")
-    p.add_argument("--png", help="throughput/p99 plot (default: the JSON path with .png)")
-    p.add_argument("--raw", metavar="DIR", help="artifact directory the server serves: also measure it "
-                   "in-process (no HTTP) and report served throughput as a share of that")
+    p.add_argument("--png", help="throughput/p99 plot, RSS plot with --soak-minutes (default: the JSON path "
+                   "with .png)")
+    p.add_argument("--raw", metavar="DIR", help="artifact directory the server serves: also measure the model "
+                   "and the decode+model pipeline in-process (no HTTP) and report served throughput as a share")
     p.add_argument("--raw-batch", type=int, default=40, help="crops per in-process batch for --raw "
                    "(default 40, the service's RESDEPLOY_MAX_BATCH default)")
-    p.add_argument("--server-pid", type=int, help="server process for CPU accounting (default: whoever "
+    p.add_argument("--server-pid", type=int, help="server process for CPU and RSS accounting (default: whoever "
                    "listens on the URL's port, with its children)")
+    p.add_argument("--soak-minutes", type=float, metavar="M", help="soak: run the first --concurrency level "
+                   "for M minutes (--requests and --max-seconds ignored), sampling server RSS")
+    p.add_argument("--sample-seconds", type=float, metavar="S", help="soak: seconds between samples (default 15)")
+    p.add_argument("--settle-minutes", type=float, metavar="M", help="soak: RSS growth counts from the first "
+                   "sample after M minutes (default 5)")
+    p.add_argument("--max-growth-pct", type=float, metavar="P", help="soak: exit 1 if a server process's RSS "
+                   "grew more than P%% after settling")
     p.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
     p.add_argument("--allow-errors", action="store_true", help="exit 0 even if requests failed")
     return p
+
+
+def check_flags(args) -> None:
+    """Raise LoadError for a bad value; fill in the soak defaults."""
+    for flag, value in (("--requests", args.requests), ("--max-seconds", args.max_seconds),
+                        ("--image-size", args.image_size), ("--timeout", args.timeout),
+                        ("--raw-batch", args.raw_batch)):
+        if value <= 0:
+            raise LoadError(f"bad {flag} {value}: must be > 0")
+    if args.num_images < 0 or args.warmup < 0:
+        raise LoadError("--num-images and --warmup must be >= 0")
+    if args.raw and not (Path(args.raw) / "manifest.json").is_file():
+        raise LoadError(f"--raw {args.raw}: no manifest.json there; pass the artifact directory the "
+                        "server was started with (RESDEPLOY_ARTIFACTS)")
+    try:
+        soak.check_flags(args)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,91 +364,104 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = check_url(args.url, args.allow_remote)
         levels = parse_levels(args.concurrency)
-        for flag, value in (("--requests", args.requests), ("--max-seconds", args.max_seconds),
-                            ("--image-size", args.image_size), ("--timeout", args.timeout)):
-            if value <= 0:
-                raise LoadError(f"bad {flag} {value}: must be > 0")
-        if args.num_images < 0 or args.warmup < 0:
-            raise LoadError("--num-images and --warmup must be >= 0")
-        if args.raw_batch <= 0:
-            raise LoadError(f"bad --raw-batch {args.raw_batch}: must be > 0")
-        if args.raw and not (Path(args.raw) / "manifest.json").is_file():
-            raise LoadError(f"--raw {args.raw}: no manifest.json there; pass the artifact directory the "
-                            "server was started with (RESDEPLOY_ARTIFACTS)")
-        images = make_images(args.image_size, args.num_images, args.seed, args.images)
+        check_flags(args)
+        images = make_images(args.image_size, args.num_images, args.seed, args.images, args.photos)
         model = asyncio.run(_model_and_warmup(url, images, args.tta, args.warmup, args.timeout))
+        problem = args.raw and raw_mismatch(args.raw, model)
+        if problem:
+            raise LoadError(problem)
     except LoadError as e:
         print(f"load.py: error: {e}", file=sys.stderr)
         return e.exit_code
 
-    from bench.loadstats import CpuMeter, raw_rate
+    from bench.loadstats import CpuMeter, apply_yardsticks, in_process, yardstick_lines
 
     meter = CpuMeter(urlsplit(url).port, args.server_pid)
     if not meter.procs:
+        if args.soak_minutes:
+            print("load.py: error: --soak-minutes needs the server's processes for RSS and none were found "
+                  f"listening on port {urlsplit(url).port}; pass --server-pid", file=sys.stderr)
+            return 1
         print("load.py: server CPU not measured (process not found; pass --server-pid)", file=sys.stderr)
+    sampler = None
+    if args.soak_minutes:
+        sampler = soak.RssSampler(meter.procs, meter.roles, lambda s: print(soak.progress_line(s), file=sys.stderr))
+        levels = levels[:1]
     rows = []
     for c in levels:
-        rows.append(asyncio.run(run_level(url, images, args.tta, c, args.requests, args.max_seconds,
-                                          args.timeout, meter)))
+        n, seconds = (math.inf, 60 * args.soak_minutes) if sampler else (args.requests, args.max_seconds)
+        ticker = (args.sample_seconds, sampler) if sampler else None
+        rows.append(asyncio.run(run_level(url, images, args.tta, c, n, seconds, args.timeout, meter, ticker)))
         r = rows[-1]
         print(f"concurrency {c}: {r['ok']}/{r['requests']} ok in {r['elapsed_s']:.1f} s", file=sys.stderr)
 
     model_info = {k: model.get(k) for k in ("arch", "backend", "precision", "file", "sha256", "num_classes")}
-    raw = None
+    raw = pipeline = None
     if args.raw:
-        crops = 10 if args.tta == "ten_crop" else 1
         try:
-            raw = raw_rate(args.raw, model_info["precision"], args.raw_batch, crops)
-        except Exception as e:  # noqa: BLE001 - ResdeployError or a backend failure: report, keep the sweep
-            print(f"load.py: error: --raw {args.raw}: {e}", file=sys.stderr)
+            raw, pipeline = in_process(args.raw, model_info["precision"], args.raw_batch, args.tta,
+                                       [data for _, data, _ in images], model_info["sha256"])
+        except Exception as e:  # noqa: BLE001 - ResdeployError, a backend failure or another file: one line
+            print(f"load.py: error: --raw {args.raw}: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
-        if raw["sha256"] != model_info["sha256"]:
-            print(f"load.py: error: --raw {args.raw} holds {raw['file']} (sha256 {raw['sha256'][:12]}), but the "
-                  f"server runs sha256 {str(model_info['sha256'])[:12]}; pass the directory it serves", file=sys.stderr)
-            return 2
-        for r in rows:
-            r["pct_of_raw"] = 100.0 * r["images_per_s"] / raw["images_per_s"]
-            if r.get("server_cpu_ms_per_req") is not None:
-                r["overhead_cpu_ms_per_req"] = r["server_cpu_ms_per_req"] - raw["cpu_ms_per_image"]
+        apply_yardsticks(rows, raw, pipeline)
     machine = machine_info()
     meta = {"url": url, "model": model_info, "tta": args.tta, "concurrency": levels,
-            "requests_per_level": args.requests, "max_seconds": args.max_seconds,
+            "requests_per_level": None if sampler else args.requests,
+            "max_seconds": 60 * args.soak_minutes if sampler else args.max_seconds,
             "image_size": args.image_size, "num_images": args.num_images, "images_dir": args.images,
-            "images": len(images), "seed": args.seed, "warmup": args.warmup, "timeout_s": args.timeout,
+            "photos": [name for name, _, _ in images if name[:-4] in PHOTOS] if args.photos else [],
+            "images": len(images), "image_bytes": sum(len(d) for _, d, _ in images), "seed": args.seed,
+            "warmup": args.warmup, "timeout_s": args.timeout,
             "note": "machine is the client's; batch histograms are server-wide deltas per level",
-            "raw": raw, "server_pids": meter.server_pids}
+            "raw": raw, "pipeline": pipeline, "server_pids": meter.server_pids,
+            "server_roles": {str(pid): name for pid, name in meter.roles.items()},
+            "soak_minutes": args.soak_minutes, "sample_seconds": args.sample_seconds,
+            "settle_minutes": args.settle_minutes, "max_growth_pct": args.max_growth_pct}
     json_path = Path(args.json)
     png_path = Path(args.png) if args.png else json_path.with_suffix(".png")
     write_results(rows, json_path, args.csv, meta=meta, machine=machine)
-    model_line = (f"Model: {model_info['arch']} {model_info['precision']} on {model_info['backend']} "
-                  f"({model_info['file']}, sha256 {str(model_info['sha256'])[:12]}) at {url}, tta={args.tta}")
-    plot(rows, png_path, f"{model_info['arch']} {model_info['precision']} {model_info['backend']}, "
-                         f"tta={args.tta}\n{machine.get('cpu_model')}")
+    title = (f"{model_info['arch']} {model_info['precision']} {model_info['backend']}, tta={args.tta}\n"
+             f"{machine.get('cpu_model')}")
+    if sampler:
+        soak_lines, grown = soak.finish(sampler.samples, json_path, png_path, f"soak, {levels[0]} clients: " + title,
+                                        60 * args.settle_minutes, args.max_growth_pct)
+    else:
+        plot(rows, png_path, title)
 
     table = [r | {"errors": _errors_cell(r["errors"])} for r in rows]
     print(machine_header(machine))
-    print(model_line)
+    print(f"Model: {model_info['arch']} {model_info['precision']} on {model_info['backend']} "
+          f"({model_info['file']}, sha256 {str(model_info['sha256'])[:12]}) at {url}, tta={args.tta}, "
+          f"{len(images)} images")
     print(format_table(table, [("concurrency", "clients"), "requests", "ok", "errors",
                                ("requests_per_s", "req/s"), ("images_per_s", "img/s"), ("p50_ms", "p50 ms"),
                                ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), "batches",
                                ("mean_crops_per_batch", "crops/batch"), ("mean_calls_per_batch", "calls/batch"),
                                ("client_cpu_ms_per_req", "client CPU ms"), ("server_cpu_ms_per_req", "server CPU ms"),
-                               ("pct_of_raw", "% of raw")]))
+                               ("overhead_cpu_ms_per_req", "overhead CPU ms"), ("pct_of_raw", "% of raw"),
+                               ("pct_of_pipeline", "% of pipeline")]))
     for r in rows:
         parts = r.get("server_cpu_ms_per_req_by_process") or {}
         if parts:
             shown = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v >= 0.005)
             print(f"CPU ms per request, {r['concurrency']} clients: client {r['client_cpu_ms_per_req']:.2f}, {shown}")
-    if raw:
-        print(f"raw: {raw['images_per_s']:.1f} images/s in-process ({raw['file']}, {raw['batch_crops']}-crop "
-              f"batches, {raw['cpu_ms_per_image']:.2f} CPU ms/image); CPU ms are per request")
+    for line in yardstick_lines(raw, pipeline) if raw else []:
+        print(line)
+    for line in soak_lines if sampler else []:
+        print(line)
     print(f"wrote {json_path} and {png_path}" + (f" and {args.csv}" if args.csv else ""))
+    status = 0
     failed = sum(r["requests"] - r["ok"] for r in rows)
     if failed and not args.allow_errors:
         print(f"load.py: error: {failed} request(s) failed (see errors); pass --allow-errors to accept",
               file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    if sampler and grown:
+        print(f"load.py: error: RSS grew more than --max-growth-pct {args.max_growth_pct:g} after settling: "
+              + "; ".join(grown), file=sys.stderr)
+        status = 1
+    return status
 
 
 if __name__ == "__main__":
