@@ -12,7 +12,8 @@ histograms read from ``/metrics`` before and after. Images: ``--num-images`` see
 
 Where the time goes (bench/loadstats.py): CPU ms per request of the client (this process) and of
 the server's process tree (found by its port, or ``--server-pid``) per process role. With ``--raw
-DIR`` two in-process yardsticks follow the sweep, on the artifact the server runs:
+DIR`` two in-process yardsticks, on the artifact the server runs, measured ``--raw-seconds`` each
+before the sweep and again after it and averaged (a shared VM drifts by 10-20% within minutes):
 
 * ``raw``: the model alone on random ``--raw-batch``-crop batches; ``pct_of_raw`` = served
   images/s as a share of it;
@@ -47,15 +48,17 @@ sys.path.insert(0, str(ROOT))
 import asyncio  # noqa: E402
 import io  # noqa: E402
 import ipaddress  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
+from bench import soak  # noqa: E402
 from bench.common import (format_table, machine_header, machine_info, percentiles, positive_ints,  # noqa: E402
                           write_results)
-from bench import soak  # noqa: E402
+from bench.httpclient import Connection, encode_post  # noqa: E402
 from bench.loadstats import METRICS, batch_fields, parse_histograms, raw_mismatch  # noqa: E402
 from resdeploy.cli import OneLineParser  # noqa: E402
 
@@ -197,26 +200,32 @@ async def run_level(url: str, images: list, tta: str, concurrency: int, n_reques
         t0 = time.perf_counter()
         deadline = t0 + max_seconds
 
+        encoded = [encode_post(url, "/classify", {"image": (name, data, mime)}, {"tta": tta})
+                   for name, data, mime in images]
+
         async def worker() -> None:
             nonlocal issued, ok
-            while issued < n_requests and time.perf_counter() < deadline:
-                name, data, mime = images[issued % len(images)]
-                issued += 1
-                t = time.perf_counter()
-                try:
-                    r = await client.post(url + "/classify", files={"image": (name, data, mime)},
-                                          data={"tta": tta})
-                except httpx.HTTPError as e:  # connection refused/reset, timeouts
-                    errors[type(e).__name__] += 1
-                    continue
-                latency_ms = (time.perf_counter() - t) * 1e3
-                if r.status_code != 200:
-                    errors[str(r.status_code)] += 1
-                elif "top1" not in r.json():
-                    errors["bad_body"] += 1
-                else:
-                    ok += 1
-                    latencies.append(latency_ms)
+            connection = Connection(url, timeout)
+            try:
+                while issued < n_requests and time.perf_counter() < deadline:
+                    raw = encoded[issued % len(encoded)]
+                    issued += 1
+                    t = time.perf_counter()
+                    try:
+                        status, body = await connection.request(raw)
+                    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+                        errors[type(e).__name__] += 1  # refused/reset connections, timeouts, bad responses
+                        continue
+                    latency_ms = (time.perf_counter() - t) * 1e3
+                    if status != 200:
+                        errors[str(status)] += 1
+                    elif "top1" not in json.loads(body):
+                        errors["bad_body"] += 1
+                    else:
+                        ok += 1
+                        latencies.append(latency_ms)
+            finally:
+                connection.close()
 
         async def tick(every: float, callback) -> None:
             k = 1
@@ -327,6 +336,8 @@ def build_parser() -> OneLineParser:
                    "and the decode+model pipeline in-process (no HTTP) and report served throughput as a share")
     p.add_argument("--raw-batch", type=int, default=40, help="crops per in-process batch for --raw "
                    "(default 40, the service's RESDEPLOY_MAX_BATCH default)")
+    p.add_argument("--raw-seconds", type=float, default=5.0, help="seconds each --raw measurement runs, once "
+                   "before the sweep and once after (default 5; the two are averaged)")
     p.add_argument("--server-pid", type=int, help="server process for CPU and RSS accounting (default: whoever "
                    "listens on the URL's port, with its children)")
     p.add_argument("--soak-minutes", type=float, metavar="M", help="soak: run the first --concurrency level "
@@ -345,7 +356,7 @@ def check_flags(args) -> None:
     """Raise LoadError for a bad value; fill in the soak defaults."""
     for flag, value in (("--requests", args.requests), ("--max-seconds", args.max_seconds),
                         ("--image-size", args.image_size), ("--timeout", args.timeout),
-                        ("--raw-batch", args.raw_batch)):
+                        ("--raw-batch", args.raw_batch), ("--raw-seconds", args.raw_seconds)):
         if value <= 0:
             raise LoadError(f"bad {flag} {value}: must be > 0")
     if args.num_images < 0 or args.warmup < 0:
@@ -374,7 +385,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load.py: error: {e}", file=sys.stderr)
         return e.exit_code
 
-    from bench.loadstats import CpuMeter, apply_yardsticks, in_process, yardstick_lines
+    from bench.loadstats import CpuMeter, apply_yardsticks, combine, in_process, yardstick_lines
+
+    def measure_in_process() -> tuple[dict, dict]:
+        return in_process(args.raw, model["precision"], args.raw_batch, args.tta,
+                          [data for _, data, _ in images], model["sha256"], args.raw_seconds)
+
+    runs = []
+    if args.raw:  # before the sweep and again after it, averaged: the machine drifts while we measure
+        try:
+            runs.append(measure_in_process())
+        except Exception as e:  # noqa: BLE001 - ResdeployError, a backend failure or another file: one line
+            print(f"load.py: error: --raw {args.raw}: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
 
     meter = CpuMeter(urlsplit(url).port, args.server_pid)
     if not meter.procs:
@@ -399,11 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     raw = pipeline = None
     if args.raw:
         try:
-            raw, pipeline = in_process(args.raw, model_info["precision"], args.raw_batch, args.tta,
-                                       [data for _, data, _ in images], model_info["sha256"])
-        except Exception as e:  # noqa: BLE001 - ResdeployError, a backend failure or another file: one line
+            runs.append(measure_in_process())
+        except Exception as e:  # noqa: BLE001
             print(f"load.py: error: --raw {args.raw}: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
+        raw, pipeline = combine(runs)
         apply_yardsticks(rows, raw, pipeline)
     machine = machine_info()
     meta = {"url": url, "model": model_info, "tta": args.tta, "concurrency": levels,

@@ -257,6 +257,28 @@ def in_process(directory: str | os.PathLike, precision: str, batch: int, tta: st
         model.backend.deactivate()
 
 
+def combine(runs: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """One ``(raw, pipeline)`` from several :func:`in_process` runs (load.py measures before and after
+    the sweep, so slow drifts of a shared machine pair up with the served figures): per-image
+    milliseconds are averaged and the rates recomputed from them."""
+    if len(runs) == 1:
+        return runs[0]
+    raws, pipes = [r for r, _ in runs], [p for _, p in runs]
+
+    def mean(dicts: list[dict], key: str) -> float:
+        return sum(d[key] for d in dicts) / len(dicts)
+
+    raw = dict(raws[0], images_per_s=1000.0 / mean([{"ms": 1000.0 / r["images_per_s"]} for r in raws], "ms"),
+               cpu_ms_per_image=mean(raws, "cpu_ms_per_image"), calls=sum(r["calls"] for r in raws))
+    pipeline = dict(pipes[0])
+    for key in ("decode_ms_per_image", "decode_cpu_ms_per_image", "model_ms_per_image", "model_cpu_ms_per_image"):
+        pipeline[key] = mean(pipes, key)
+    pipeline.update(model_calls=sum(p["model_calls"] for p in pipes), decoded_images=sum(p["decoded_images"] for p in pipes),
+                    images_per_s=1000.0 / (pipeline["decode_ms_per_image"] / pipeline["cores"] + pipeline["model_ms_per_image"]),
+                    runs=[p["images_per_s"] for p in pipes])
+    return raw, pipeline
+
+
 def raw_mismatch(directory: str | os.PathLike, model: dict) -> str | None:
     """Why ``directory`` cannot be the yardstick of the server whose ``/model`` answer is ``model``
     (it does not list the file and sha256 the server runs), or None; read before any load is sent."""

@@ -42,7 +42,8 @@ class _Request:
     queued: float = field(default_factory=time.perf_counter)
 
 
-def _resolve(future: asyncio.Future, value=None, error: BaseException | None = None) -> None:
+def resolve(future: asyncio.Future, value=None, error: BaseException | None = None) -> None:
+    """Set ``future``'s result or error unless it is already done (cancelled); call on its loop."""
     if future.done():  # cancelled by a client that went away
         return
     if error is not None:
@@ -74,13 +75,21 @@ class Batcher:
     async def submit(self, rows: np.ndarray) -> np.ndarray:
         """The outputs for ``rows`` (one block, never split), once its batch has run."""
         loop = asyncio.get_running_loop()
-        request = _Request(rows, loop, loop.create_future())
+        future = loop.create_future()
+        self.put(rows, loop, future)
+        return await future
+
+    def put(self, rows: np.ndarray, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        """Queue ``rows`` from any thread; ``future`` (of ``loop``) gets the outputs or the error.
+
+        The service's decode threads call this directly, so an upload crosses threads twice (to the
+        decoder, and back with its answer) instead of four times.
+        """
         with self._cond:
             if self._closed:
                 raise Closed("the inference queue is closed")
-            self._queue.append(request)
+            self._queue.append(_Request(rows, loop, future))
             self._cond.notify()
-        return await request.future
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking work; queued requests get :class:`Closed`."""
@@ -97,7 +106,7 @@ class Batcher:
             if self._closed:
                 pending, self._queue = list(self._queue), deque()
                 for r in pending:
-                    r.loop.call_soon_threadsafe(_resolve, r.future, None, Closed("the server is shutting down"))
+                    r.loop.call_soon_threadsafe(resolve, r.future, None, Closed("the server is shutting down"))
                 return None
             batch, rows = [], 0
             while self._queue and (not batch or rows + len(self._queue[0].rows) <= self.max_rows):
@@ -114,7 +123,7 @@ class Batcher:
             live = []
             for r in batch:
                 if now - r.queued > self.max_wait_s:
-                    r.loop.call_soon_threadsafe(_resolve, r.future, None, Overloaded(
+                    r.loop.call_soon_threadsafe(resolve, r.future, None, Overloaded(
                         f"waited {now - r.queued:.1f} s for the model, over the {self.max_wait_s:g} s budget"))
                 else:
                     live.append(r)
@@ -128,12 +137,12 @@ class Batcher:
         except Exception as e:  # noqa: BLE001 - every waiting request learns why
             log.exception("inference failed on a batch of %d rows", len(rows))
             for r in batch:
-                r.loop.call_soon_threadsafe(_resolve, r.future, None, e)
+                r.loop.call_soon_threadsafe(resolve, r.future, None, e)
             return
         start = 0
         for r in batch:
             end = start + len(r.rows)
-            r.loop.call_soon_threadsafe(_resolve, r.future, out[start:end])
+            r.loop.call_soon_threadsafe(resolve, r.future, out[start:end])
             start = end
         if self.observe is not None:
             self.observe(len(rows), len(batch), started - min(r.queued for r in batch))

@@ -24,6 +24,15 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={raw!r}: use 1 or 0")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from ``RESDEPLOY_*`` environment variables.
@@ -39,8 +48,12 @@ class Settings:
         threads: ONNX Runtime intra-op threads (0 = ORT's default).
         workers: service worker processes, each with its own model and batcher (``RESDEPLOY_WORKERS``).
         gpus: GPUs the workers are spread over, worker i on GPU (i - 1) mod gpus (``RESDEPLOY_GPUS``).
+        access_log: BentoML's per-request access log lines (``RESDEPLOY_ACCESS_LOG=1``; off by default:
+            /metrics counts requests, and the log line cost ~1 ms of CPU per request on the dev CPU).
+        trace: OpenTelemetry spans for /classify and /classify_batch (``RESDEPLOY_TRACE=1``; off by
+            default: without an exporter configured they are built and dropped, ~1.5 ms per request).
         decode_threads: threads per worker decoding and cropping uploads (``RESDEPLOY_DECODE_THREADS``;
-            0 = the CPUs this process may use).
+            0 = half the CPUs this process may use, at least 1).
     """
 
     artifacts: str
@@ -56,6 +69,8 @@ class Settings:
     workers: int
     gpus: int
     decode_threads: int
+    access_log: bool
+    trace: bool
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -85,4 +100,6 @@ class Settings:
             workers=_int("RESDEPLOY_WORKERS", 1, 1),
             gpus=_int("RESDEPLOY_GPUS", 1, 1),
             decode_threads=_int("RESDEPLOY_DECODE_THREADS", 0, 0),
+            access_log=_flag("RESDEPLOY_ACCESS_LOG"),
+            trace=_flag("RESDEPLOY_TRACE"),
         )

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 
 from PIL import Image
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from core.errors import PreprocessError
 from core.preprocess import (
@@ -23,6 +22,9 @@ from core.preprocess import (
     crops_uint8,
     decode_image,
 )
+from serving import multipart
+
+MAX_TEXT_FIELDS = 16  # top_k, tta and room for clients that send a few extra fields
 
 
 class HTTPError(Exception):
@@ -52,22 +54,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_form(request: Request, body: bytes, max_files: int):
-    """Multipart form of an already-read body."""
+async def parse_form(request: Request, body: bytes, max_files: int) -> multipart.Form:
+    """Multipart form of an already-read body (serving/multipart.py)."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise HTTPError(415, "unsupported_media_type",
                         "send multipart/form-data with the image in a field named 'image' "
                         "(curl -F image=@photo.jpg ...)")
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    replay = Request(request.scope, receive)
     try:
         # One spare file slot, so that too many images get our own clear message below.
-        return await replay.form(max_files=max_files + 1, max_fields=16)
-    except Exception as e:  # malformed multipart, too many parts
+        return multipart.parse(body, ctype, max_parts=max_files + 1 + MAX_TEXT_FIELDS)
+    except multipart.MultipartError as e:
         raise HTTPError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from e
 
 
@@ -83,12 +80,12 @@ async def images_from(form, max_files: int) -> list[bytes]:
         raise HTTPError(413, "too_many_images", f"{len(values)} images; at most {max_files} per request{hint}")
     out = []
     for v in values:
-        if not isinstance(v, UploadFile):
+        if not isinstance(v, multipart.FilePart):
             kind = "a URL" if str(v).strip().lower().startswith(("http://", "https://", "ftp://", "file:")) \
                 else "a text field"
             raise HTTPError(400, "not_a_file", f"'image' is {kind}, not an uploaded file; URLs are never "
                             "fetched by the server: download the image and upload its bytes")
-        data = await v.read()
+        data = v.data
         if not data:
             raise HTTPError(400, "empty_image", f"the uploaded file {v.filename!r} is empty")
         out.append(data)
@@ -152,5 +149,7 @@ def signature_format(data: bytes) -> str | None:
     return None
 
 
-def json_response(obj, status: int = 200) -> JSONResponse:
-    return JSONResponse(json.loads(json.dumps(obj)), status_code=status)
+def json_response(obj, status: int = 200) -> Response:
+    """``obj`` as JSON (encoded once; NaN and infinities refused, as in JSONResponse)."""
+    body = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return Response(body, status_code=status, media_type="application/json")

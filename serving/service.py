@@ -37,7 +37,7 @@ from starlette.routing import Route
 from core.manifest import read_labels, read_manifest
 from core.scores import softmax, top_k
 from serving import http
-from serving.batcher import Batcher, Closed, Overloaded
+from serving.batcher import Batcher, Closed, Overloaded, resolve
 from serving.config import Settings
 from serving.engine import LoadedModel, check_directory, load_model, warm_up
 from serving.memory import limit_malloc_arenas
@@ -124,7 +124,9 @@ app = Starlette(routes=[Route("/classify", classify, methods=["POST"]),
                         Route("/model", model, methods=["GET"])])
 
 
-@bentoml.service(name="resdeploy", traffic={"timeout": 300}, workers=SETTINGS.workers)
+@bentoml.service(name="resdeploy", traffic={"timeout": 300}, workers=SETTINGS.workers,
+                 logging={"access": {"enabled": SETTINGS.access_log}},
+                 tracing={"excluded_urls": [] if SETTINGS.trace else ["/classify"]})
 @bentoml.asgi_app(app, path="/")
 class Classifier:
     """Public endpoints: ``POST /classify``, ``POST /classify_batch``, ``GET /model``.
@@ -148,7 +150,10 @@ class Classifier:
         self.batcher: Batcher | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
-        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads or _cpus(), thread_name_prefix="resdeploy-decode")
+        # Half the CPUs decode by default: the model's own threads take the rest (on 2 cores one decode
+        # thread served ~8% more than two, docs/design.md#serving).
+        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads or max(1, _cpus() // 2),
+                                           thread_name_prefix="resdeploy-decode")
         metrics()
         threading.Thread(target=self._load, name="resdeploy-load", daemon=True).start()
 
@@ -184,12 +189,24 @@ class Classifier:
         """Decode, crop, infer (batched with other requests), average softmax over crops, top-k."""
         self.loaded()  # refuse before decoding anything
         t0 = time.perf_counter()
-        crops = await asyncio.get_running_loop().run_in_executor(
-            self.decoders, http.decode_and_crop, data, self.preprocess, tta, SETTINGS.max_pixels)
-        t_pre = time.perf_counter()
-        metrics()["preprocess"].observe(t_pre - t0)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        decoded: list[float] = []
+
+        def decode_and_queue() -> None:  # on a decode thread: decode, crop, queue for the model
+            try:
+                crops = http.decode_and_crop(data, self.preprocess, tta, SETTINGS.max_pixels)
+                decoded.append(time.perf_counter())
+                metrics()["preprocess"].observe(decoded[0] - t0)
+                self.batcher.put(crops, loop, future)
+            except BaseException as e:  # noqa: BLE001 - a 4xx for bad images, else why it failed
+                loop.call_soon_threadsafe(resolve, future, None, e)
+
+        self.decoders.submit(decode_and_queue)
         try:
-            logits = await self.batcher.submit(crops)
+            logits = await future
+        except http.HTTPError:
+            raise
         except (Overloaded, Closed) as e:
             metrics()["rejected"].labels("overloaded").inc()
             raise http.HTTPError(503, "overloaded", str(e)) from e
@@ -197,6 +214,7 @@ class Classifier:
             metrics()["rejected"].labels("inference_failed").inc()
             raise http.HTTPError(503, "inference_failed", f"inference failed: {e}") from e
         t_inf = time.perf_counter()
+        t_pre = decoded[0]
         probs = softmax(np.asarray(logits, dtype=np.float64)).mean(axis=0)
         best = top_k(probs, k, self.labels)
         return {"top1": best[0], "top_k": best, "tta": tta, "model": self.model_info,

@@ -264,3 +264,21 @@ def test_bad_soak_flags_are_one_line(flags: list[str], message: str, capsys) -> 
     assert load.main(["http://127.0.0.1:1", *flags]) == 2  # refused before any request
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_combine_averages_per_image_milliseconds_by_hand():
+    from bench.loadstats import combine
+
+    def run(decode_ms: float, model_ms: float, raw_ms: float) -> tuple[dict, dict]:
+        raw = {"images_per_s": 1000.0 / raw_ms, "cpu_ms_per_image": 2 * raw_ms, "calls": 5, "file": "f"}
+        pipeline = {"decode_ms_per_image": decode_ms, "decode_cpu_ms_per_image": decode_ms, "model_ms_per_image": model_ms,
+                    "model_cpu_ms_per_image": 2 * model_ms, "model_calls": 10, "decoded_images": 7, "cores": 2,
+                    "images_per_s": 1000.0 / (decode_ms / 2 + model_ms)}
+        return raw, pipeline
+
+    raw, pipeline = combine([run(2.0, 6.0, 4.0), run(4.0, 8.0, 6.0)])
+    assert pipeline["decode_ms_per_image"] == 3.0 and pipeline["model_cpu_ms_per_image"] == 14.0
+    assert pipeline["images_per_s"] == pytest.approx(1000.0 / (3.0 / 2 + 7.0))  # 117.647, not the mean of rates
+    assert pipeline["runs"] == [pytest.approx(1000 / 7.0), pytest.approx(1000 / 10.0)]
+    assert raw["images_per_s"] == pytest.approx(1000.0 / 5.0) and raw["calls"] == 10
+    assert combine([run(2.0, 6.0, 4.0)])[1]["images_per_s"] == pytest.approx(1000 / 7.0)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cuda_binding import FakeCuda
 
 from backends.tensorrt import INSTALL_HINT, TensorRTBackend, check_engine_stamp
 from core.errors import ArtifactError, BackendError, ExportError
 from export.tensorrt import ENGINE_PRECISIONS, build_engine, engine_file_name, require_tensorrt, tensorrt_status
-from test_cuda_binding import FakeCuda
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
