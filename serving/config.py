@@ -48,10 +48,13 @@ class Settings:
         threads: ONNX Runtime intra-op threads (0 = ORT's default).
         workers: service worker processes, each with its own model and batcher (``RESDEPLOY_WORKERS``).
         gpus: GPUs the workers are spread over, worker i on GPU (i - 1) mod gpus (``RESDEPLOY_GPUS``).
-        access_log: BentoML's per-request access log lines (``RESDEPLOY_ACCESS_LOG=1``; off by default:
-            /metrics counts requests, and the log line cost ~1 ms of CPU per request on the dev CPU).
-        trace: OpenTelemetry spans for /classify and /classify_batch (``RESDEPLOY_TRACE=1``; off by
-            default: without an exporter configured they are built and dropped, ~1.5 ms per request).
+        access_log: BentoML's per-request access log lines (``RESDEPLOY_ACCESS_LOG=1``). Off by default:
+            /metrics counts requests, and py-spy showed the log line among the largest per-request
+            costs on the event loop (docs/design.md#serving).
+        trace: OpenTelemetry spans for /classify and /classify_batch (``RESDEPLOY_TRACE=1``). Off by
+            default: with no exporter configured they are built and dropped, at a cost per request.
+        timeout_s: BentoML's per-request timeout, a 504 past it (``RESDEPLOY_TIMEOUT_S``; default the
+            queueing budget + 30 s).
         decode_threads: threads per worker decoding and cropping uploads (``RESDEPLOY_DECODE_THREADS``;
             0 = half the CPUs this process may use, at least 1).
     """
@@ -71,6 +74,7 @@ class Settings:
     decode_threads: int
     access_log: bool
     trace: bool
+    timeout_s: int
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -86,13 +90,21 @@ class Settings:
         if max_batch % 10:
             raise ConfigError(f"RESDEPLOY_MAX_BATCH={max_batch} must be a multiple of 10 (a 10-crop request "
                               "is 10 rows and is never split across batches)")
+        # The queueing budget (503 past it). 500 ms shed load on 2 CPUs (docs/design.md); 60 s never
+        # sheds a queue we can serve.
+        max_latency_ms = _int("RESDEPLOY_MAX_LATENCY_MS", 60_000, 10)
+        # BentoML's request timeout (504 past it). It must outlast the queueing budget; and it is kept
+        # short because BentoML 1.4's TimeoutMiddleware leaves a timer per request pending for the
+        # whole timeout (docs/design.md#serving): memory grows for that long at any request rate.
+        timeout_s = _int("RESDEPLOY_TIMEOUT_S", max_latency_ms // 1000 + 30, 1)
+        if timeout_s * 1000 <= max_latency_ms:
+            raise ConfigError(f"RESDEPLOY_TIMEOUT_S={timeout_s} must exceed RESDEPLOY_MAX_LATENCY_MS={max_latency_ms} "
+                              "(in seconds) so queued requests are answered 503, not cut off")
         return cls(
             artifacts=os.environ.get("RESDEPLOY_ARTIFACTS", ""),
             bento_model=os.environ.get("RESDEPLOY_BENTO_MODEL", "resdeploy-digits:latest"),
             backend=backend, precision=precision, max_batch=max_batch,
-            # The queueing budget (503 past it). 500 ms shed load on 2 CPUs (docs/design.md); 60 s never
-            # sheds a queue we can serve.
-            max_latency_ms=_int("RESDEPLOY_MAX_LATENCY_MS", 60_000, 10),
+            max_latency_ms=max_latency_ms,
             max_bytes=_int("RESDEPLOY_MAX_BYTES", 20 * 1024 * 1024, 1024),
             max_pixels=_int("RESDEPLOY_MAX_PIXELS", 40_000_000, 1),
             warmup_iters=_int("RESDEPLOY_WARMUP_ITERS", 3, 1),
@@ -102,4 +114,5 @@ class Settings:
             decode_threads=_int("RESDEPLOY_DECODE_THREADS", 0, 0),
             access_log=_flag("RESDEPLOY_ACCESS_LOG"),
             trace=_flag("RESDEPLOY_TRACE"),
+            timeout_s=timeout_s,
         )

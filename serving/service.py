@@ -124,7 +124,7 @@ app = Starlette(routes=[Route("/classify", classify, methods=["POST"]),
                         Route("/model", model, methods=["GET"])])
 
 
-@bentoml.service(name="resdeploy", traffic={"timeout": 300}, workers=SETTINGS.workers,
+@bentoml.service(name="resdeploy", traffic={"timeout": SETTINGS.timeout_s}, workers=SETTINGS.workers,
                  logging={"access": {"enabled": SETTINGS.access_log}},
                  tracing={"excluded_urls": [] if SETTINGS.trace else ["/classify"]})
 @bentoml.asgi_app(app, path="/")

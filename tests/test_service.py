@@ -169,6 +169,12 @@ def _rejected(client: httpx.Client, reason: str) -> float:
 
 # 1. Readiness ---------------------------------------------------------------------------------
 
+def test_no_access_log_line_per_request_by_default(server: Server, client: httpx.Client, samples):
+    _classify(client, samples["digit1"])
+    # RESDEPLOY_ACCESS_LOG is off: BentoML logs each request as "... path=/classify ..." when on.
+    assert "path=/classify" not in server.log.read_text(errors="replace")
+
+
 def test_readyz_is_503_until_warm_and_livez_is_200_throughout(server: Server, client: httpx.Client):
     assert server.readyz[0] == 503, server.readyz[:10]
     assert server.readyz[-1] == 200
