@@ -207,11 +207,9 @@ class Classifier:
             logits = await future
         except http.HTTPError:
             raise
-        except (Overloaded, Closed) as e:
-            metrics()["rejected"].labels("overloaded").inc()
+        except (Overloaded, Closed) as e:  # counted by reason where the 503 is answered
             raise http.HTTPError(503, "overloaded", str(e)) from e
         except Exception as e:
-            metrics()["rejected"].labels("inference_failed").inc()
             raise http.HTTPError(503, "inference_failed", f"inference failed: {e}") from e
         t_inf = time.perf_counter()
         t_pre = decoded[0]
