@@ -93,9 +93,9 @@ def test_no_import_loops():
             assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]):])
 
 
-def test_the_runtime_image_needs_no_training_export_or_cli():
-    """serving/ reaches core/ and backends/ only (backends.pytorch, which needs training/, is loaded
-    only for RESDEPLOY_BACKEND=pytorch, which a torch-free image cannot run)."""
+def _runtime_modules() -> set[str]:
+    """What serving/ reaches (backends.pytorch, which needs training/, is loaded only for
+    RESDEPLOY_BACKEND=pytorch, which a torch-free image cannot run)."""
     reached, todo = set(), [m for m in GRAPH if m.startswith("serving")]
     while todo:
         module = todo.pop()
@@ -103,6 +103,13 @@ def test_the_runtime_image_needs_no_training_export_or_cli():
             continue
         reached.add(module)
         todo += GRAPH[module]
+    return reached
+
+
+def test_the_runtime_image_needs_no_training_export_or_cli():
+    """serving/ reaches core/ and backends/ only (backends.pytorch, which needs training/, is loaded
+    only for RESDEPLOY_BACKEND=pytorch, which a torch-free image cannot run)."""
+    reached = _runtime_modules()
     assert {m.split(".")[0] for m in reached} == {"core", "backends", "serving"}, sorted(reached)
 
 
@@ -114,13 +121,7 @@ def test_bentofile_packs_every_module_the_runtime_reaches():
     import yaml
 
     include = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["include"]
-    reached, todo = set(), [m for m in GRAPH if m.startswith("serving")]
-    while todo:
-        module = todo.pop()
-        if module in reached or module == "backends.pytorch":
-            continue
-        reached.add(module)
-        todo += GRAPH[module]
+    reached = _runtime_modules()
     files = {str((ROOT / m.replace(".", "/")).with_suffix(".py").relative_to(ROOT)) if
              (ROOT / m.replace(".", "/")).with_suffix(".py").is_file() else f"{m.replace('.', '/')}/__init__.py"
              for m in reached}
