@@ -9,11 +9,11 @@ PORT  ?= 3000
 
 .PHONY: setup demo serve test test-all models export gpu-check clean
 
-setup: $(VENV)/.installed                ## create .venv with the CPU stack and test tools
+setup: $(VENV)/.installed                ## create .venv with the CPU stack, Ray Data and test tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[cpu,dev,ray]'
 	touch $@
 
 serve: setup                             ## the main job: build the digits artifacts if missing, then serve them over HTTP

@@ -12,6 +12,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def crop_average(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities of one image from its crops' logits (N, classes): the mean of the
+    crops' softmax, in float64. What ``/classify`` and ``resdeploy predict`` both report."""
+    return softmax(np.asarray(logits, dtype=np.float64)).mean(axis=0)
+
+
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest scores per row, best first; ties go to the lower class index,
     as ``argmax`` breaks them."""

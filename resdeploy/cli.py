@@ -23,7 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from resdeploy import export_cli, training_cli
+    from resdeploy import export_cli, predict_cli, training_cli
 
     parser = OneLineParser(prog="resdeploy", description="Trained ResNets to production: train, "
                            "evaluate, export and compare residual networks.")
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     training_cli.register(sub)
     export_cli.register(sub)
+    predict_cli.register(sub)
     return parser
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # one voice under torchrun
     # Libraries (onnxscript, onnxruntime, bentoml) stay at WARNING; our stages talk at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-    for name in ("resdeploy", "training", "export", "serving"):
+    for name in ("resdeploy", "training", "export", "serving", "predict"):
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         return int(args.func(args) or 0)

@@ -38,13 +38,64 @@ class LoadedModel:
                 "versions": m.versions, "created": m.created}
 
 
-def load_model(directory: str | Path, backend: str = "auto", precision: str = "fp32", device_id: int = 0,
-               threads: int = 0, max_batch: int | None = None) -> LoadedModel:
-    """Verify the manifest's hashes and activate the chosen backend.
+def select_artifact(manifest: Manifest, backend: str = "auto", precision: str = "fp32") -> tuple[str, ArtifactEntry]:
+    """``(runtime, entry)``: the runtime and manifest entry ``load_model`` would use on this host.
 
     ``precision`` is a number format (fp32, fp16, int8); the flavour table picks the file each
     runtime loads (:func:`core.flavours.for_runtime`). ``auto`` picks TensorRT when the directory has
     an engine of that precision and TensorRT and a GPU are usable, else ONNX Runtime.
+
+    Raises:
+        ArtifactError: no file of that precision for that runtime.
+        BackendError: unknown backend.
+    """
+    if backend == "auto":
+        from backends.tensorrt import tensorrt_usable
+
+        has_engine = manifest.has(flavours.for_runtime(precision, flavours.TENSORRT).name, "engine")
+        backend = flavours.TENSORRT if has_engine and tensorrt_usable() else flavours.ONNXRUNTIME
+    if backend == flavours.TENSORRT:
+        return backend, manifest.find(flavours.for_runtime(precision, backend).name, "engine")
+    if backend == flavours.ONNXRUNTIME:
+        from backends.onnxruntime import available_providers
+
+        cpu_only = available_providers() == ["CPUExecutionProvider"]
+        return backend, manifest.find(flavours.for_runtime(precision, backend, cpu_only).name)
+    if backend == flavours.PYTORCH:
+        return backend, manifest.find(flavours.FP32.name, flavours.PYTORCH)
+    raise BackendError(f"unknown backend {backend!r}")
+
+
+def open_backend(directory: Path, manifest: Manifest, runtime: str, entry: ArtifactEntry, precision: str,
+                 device_id: int = 0, threads: int = 0, max_batch: int | None = None) -> Backend:
+    """Hash-verify ``entry``'s file and activate ``runtime`` on it (see :func:`select_artifact`)."""
+    if runtime == flavours.TENSORRT:
+        from backends.tensorrt import TensorRTBackend
+
+        backend: Backend = TensorRTBackend(verify_file(directory, entry), entry.precision, entry.stamp, device_id)
+    elif runtime == flavours.ONNXRUNTIME:
+        from backends.onnxruntime import OnnxRuntimeBackend, available_providers
+
+        backend = OnnxRuntimeBackend(verify_file(directory, entry), entry.precision, available_providers(),
+                                     threads or None, device_id, max_batch)
+    elif runtime == flavours.PYTORCH:
+        try:
+            from backends.pytorch import TorchBackend
+        except ImportError as e:
+            raise BackendError(f"the pytorch backend needs torch and resdeploy's training package: {e}") from e
+        # model.pt holds the fp32 weights; fp16 casts them on the GPU (refused on a CPU host).
+        backend = TorchBackend(verify_file(directory, entry), manifest.crop, device_id, max_batch_size=max_batch,
+                               half=precision == flavours.FP16.number_format, channels_last=True, cuda_graphs=True)
+    else:
+        raise BackendError(f"unknown backend {runtime!r}")
+    backend.activate()
+    log.info("loaded %s (%s, %s) from %s", entry.file, backend.name, entry.precision, directory)
+    return backend
+
+
+def load_model(directory: str | Path, backend: str = "auto", precision: str = "fp32", device_id: int = 0,
+               threads: int = 0, max_batch: int | None = None) -> LoadedModel:
+    """Verify the manifest's hashes and activate the chosen backend (:func:`select_artifact`).
 
     Raises:
         ArtifactError: missing directory, manifest or file; hash mismatch; no such precision.
@@ -53,37 +104,9 @@ def load_model(directory: str | Path, backend: str = "auto", precision: str = "f
     directory = Path(directory)
     manifest = read_manifest(directory)
     labels = read_labels(directory, manifest)
-    if backend == "auto":
-        from backends.tensorrt import tensorrt_usable
-
-        has_engine = manifest.has(flavours.for_runtime(precision, flavours.TENSORRT).name, "engine")
-        backend = flavours.TENSORRT if has_engine and tensorrt_usable() else flavours.ONNXRUNTIME
-    if backend == flavours.TENSORRT:
-        from backends.tensorrt import TensorRTBackend
-
-        entry = manifest.find(flavours.for_runtime(precision, backend).name, "engine")
-        runtime: Backend = TensorRTBackend(verify_file(directory, entry), entry.precision, entry.stamp, device_id)
-    elif backend == flavours.ONNXRUNTIME:
-        from backends.onnxruntime import OnnxRuntimeBackend, available_providers
-
-        providers = available_providers()
-        cpu_only = providers == ["CPUExecutionProvider"]
-        entry = manifest.find(flavours.for_runtime(precision, backend, cpu_only).name)
-        runtime = OnnxRuntimeBackend(verify_file(directory, entry), entry.precision, providers, threads or None, device_id, max_batch)
-    elif backend == flavours.PYTORCH:
-        try:
-            from backends.pytorch import TorchBackend
-        except ImportError as e:
-            raise BackendError(f"the pytorch backend needs torch and resdeploy's training package: {e}") from e
-        entry = manifest.find(flavours.FP32.name, flavours.PYTORCH)
-        # model.pt holds the fp32 weights; fp16 casts them on the GPU (refused on a CPU host).
-        runtime = TorchBackend(verify_file(directory, entry), manifest.crop, device_id, max_batch_size=max_batch,
-                               half=precision == flavours.FP16.number_format, channels_last=True, cuda_graphs=True)
-    else:
-        raise BackendError(f"unknown backend {backend!r}")
-    runtime.activate()
-    log.info("loaded %s (%s, %s) from %s", entry.file, runtime.name, entry.precision, directory)
-    return LoadedModel(runtime, manifest, entry, labels, manifest.preprocess_config, directory)
+    runtime, entry = select_artifact(manifest, backend, precision)
+    loaded = open_backend(directory, manifest, runtime, entry, precision, device_id, threads, max_batch)
+    return LoadedModel(loaded, manifest, entry, labels, manifest.preprocess_config, directory)
 
 
 def warm_up(model: LoadedModel, batch_sizes: list[int], iters: int) -> None:

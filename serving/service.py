@@ -30,12 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
-import numpy as np
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from core.manifest import read_labels, read_manifest
-from core.scores import softmax, top_k
+from core.scores import crop_average, top_k
 from serving import http
 from serving.batcher import Batcher, Closed, Overloaded, resolve
 from serving.config import Settings
@@ -213,8 +212,7 @@ class Classifier:
             raise http.HTTPError(503, "inference_failed", f"inference failed: {e}") from e
         t_inf = time.perf_counter()
         t_pre = decoded[0]
-        probs = softmax(np.asarray(logits, dtype=np.float64)).mean(axis=0)
-        best = top_k(probs, k, self.labels)
+        best = top_k(crop_average(logits), k, self.labels)
         return {"top1": best[0], "top_k": best, "tta": tta, "model": self.model_info,
                 "timing_ms": {"preprocess": round((t_pre - t0) * 1000, 3),
                               "inference": round((t_inf - t_pre) * 1000, 3),

@@ -1,6 +1,6 @@
 """The layout is a building: each folder a floor, and a floor imports only the floors below it.
 
-    core (the contract) < training < backends < export, serving < resdeploy (the CLI) < bench
+    core (the contract) < training < backends < export, serving < predict < resdeploy (the CLI) < bench
 
 export and serving share a floor and never import each other. Every import counts, also the ones
 inside functions (a lazy import is still a dependency), read from the source with ``ast``.
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOORS = {"core": 0, "training": 1, "backends": 2, "export": 3, "serving": 3, "resdeploy": 4, "bench": 5}
+FLOORS = {"core": 0, "training": 1, "backends": 2, "export": 3, "serving": 3, "predict": 4, "resdeploy": 5,
+          "bench": 6}
 
 
 def _module_name(path: Path) -> str:
@@ -93,10 +94,10 @@ def test_no_import_loops():
             assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]):])
 
 
-def _runtime_modules() -> set[str]:
-    """What serving/ reaches (backends.pytorch, which needs training/, is loaded only for
-    RESDEPLOY_BACKEND=pytorch, which a torch-free image cannot run)."""
-    reached, todo = set(), [m for m in GRAPH if m.startswith("serving")]
+def _runtime_modules(top: str = "serving") -> set[str]:
+    """What ``top`` reaches (backends.pytorch, which needs training/, is loaded only for
+    RESDEPLOY_BACKEND=pytorch / --backend pytorch, which a torch-free image cannot run)."""
+    reached, todo = set(), [m for m in GRAPH if m.startswith(top)]
     while todo:
         module = todo.pop()
         if module in reached or module == "backends.pytorch":
@@ -111,6 +112,13 @@ def test_the_runtime_image_needs_no_training_export_or_cli():
     only for RESDEPLOY_BACKEND=pytorch, which a torch-free image cannot run)."""
     reached = _runtime_modules()
     assert {m.split(".")[0] for m in reached} == {"core", "backends", "serving"}, sorted(reached)
+
+
+def test_offline_prediction_needs_no_training_export_or_cli():
+    """predict/ runs where the service runs: on the runtime's modules and its own, torch-free."""
+    reached = _runtime_modules("predict")
+    assert {m.split(".")[0] for m in reached} == {"core", "backends", "serving", "predict"}, sorted(reached)
+    assert {m for m in reached if m.startswith("serving")} == {"serving.engine"}  # not the HTTP service
 
 
 def test_bentofile_packs_every_module_the_runtime_reaches():

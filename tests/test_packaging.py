@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 from backends.cuda_binding import INSTALL_HINT
+from predict.ray_engine import INSTALL as RAY_INSTALL
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = ["README.md", "Makefile", ".ci/run", "bench/gpu.sh", "docs/*.md"]
@@ -92,6 +93,7 @@ def _documented() -> list[tuple[str, str, list[str]]]:
     commands = [(f"{p.relative_to(ROOT)}:{line}", command, extras)
                 for p in files for line, command, extras in install_commands(p.read_text())]
     commands += [("backends/cuda_binding.py:INSTALL_HINT", c, e) for _, c, e in install_commands(INSTALL_HINT)]
+    commands += [("predict/ray_engine.py:INSTALL", c, e) for _, c, e in install_commands(RAY_INSTALL)]
     return commands
 
 
@@ -100,7 +102,7 @@ DOCUMENTED_COMMANDS = _documented()
 
 def test_the_scan_finds_the_setup_and_gpu_commands():
     where = {w.split(":")[0] for w, _, _ in DOCUMENTED_COMMANDS}
-    assert {"Makefile", "backends/cuda_binding.py"} <= where, DOCUMENTED_COMMANDS
+    assert {"Makefile", "backends/cuda_binding.py", "predict/ray_engine.py"} <= where, DOCUMENTED_COMMANDS
     assert ["cpu", "dev"] in [e for _, _, e in DOCUMENTED_COMMANDS]
 
 
