@@ -30,6 +30,19 @@ def positive(kind):
     return parse
 
 
+def non_negative(kind):
+    """An argparse type accepting only values of ``kind`` (int or float) that are >= 0."""
+    def parse(value: str):
+        try:
+            v = kind(value)
+        except ValueError:
+            v = -1
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"'{value}' is not a {'whole number' if kind is int else 'number'} >= 0")
+        return v
+    return parse
+
+
 def int_list(value: str) -> list[int]:
     try:
         return [int(v) for v in value.split(",") if v.strip()]

@@ -8,7 +8,7 @@ import sys
 from core.flavours import INT8, INT8_CPU, PRECISIONS
 from core.preprocess import PREPROCESS_FLAGS
 from export.options import CALIB_METHODS, OVERFLOW_FIXES, SENSITIVITY_MODES, ExportOptions, Int8Options
-from resdeploy.cliargs import add_preprocess_flags, arch, positive
+from resdeploy.cliargs import add_preprocess_flags, arch, non_negative, positive
 
 
 def _precisions(value: str) -> list[str]:
@@ -31,16 +31,6 @@ def percentage(value: str) -> float:
         v = -1.0
     if not 0 <= v <= 100:
         raise argparse.ArgumentTypeError(f"'{value}' is not a percentage in [0, 100], e.g. 98")
-    return v
-
-
-def non_negative_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number >= 0")
     return v
 
 
@@ -95,7 +85,7 @@ def register(sub) -> None:
                    help="an INT8 file must give FP32's top-1 class on at least PCT%% of the gate images (default 98)")
     g.add_argument("--no-fallback", dest="fallback", action="store_false",
                    help="fail instead of keeping the most sensitive layers in float when INT8 misses its budget")
-    g.add_argument("--max-float-layers", type=non_negative_int, default=5, metavar="N",
+    g.add_argument("--max-float-layers", type=non_negative(int), default=5, metavar="N",
                    help="at most N Conv/Gemm layers in float after the fallback, --keep-float ones included (default 5)")
     g.add_argument("--keep-float", type=_names, default=[], metavar="NAME,…",
                    help="layers always kept in float, by module name (e.g. conv1,fc) or ONNX node name")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from resdeploy.cliargs import positive
+from resdeploy.cliargs import non_negative, positive
 
 EPILOG = """examples:
   resdeploy predict artifacts/digits photos/ --out preds.parquet
@@ -15,26 +15,6 @@ EPILOG = """examples:
 
 Interrupted? Re-run the same command: finished shards (OUT.parts/) are kept and skipped.
 The Ray engine needs the extra: pip install 'resdeploy[cpu,ray]' (GPU hosts: [gpu,ray])."""
-
-
-def non_negative(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number >= 0")
-    return v
-
-
-def non_negative_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        v = -1.0
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a number >= 0")
-    return v
 
 
 def cmd_predict(args) -> int:
@@ -79,7 +59,7 @@ def register(sub) -> None:
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: decode processes + one batched model here (default); ray: Ray Data (extra [ray])")
     p.add_argument("--max-batch", type=positive(int), default=40, help="crops per model call (default 40)")
-    p.add_argument("--threads", type=non_negative, default=0, help="ONNX Runtime threads (0 = its default)")
+    p.add_argument("--threads", type=non_negative(int), default=0, help="ONNX Runtime threads (0 = its default)")
     p.add_argument("--shard-size", type=positive(int), default=1000,
                    help="files per output shard, the unit of resuming (default 1000)")
     p.add_argument("--max-pixels", type=positive(int), default=40_000_000,
@@ -87,16 +67,16 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT and discard unfinished shards")
     p.add_argument("--keep-shards", action="store_true", help="keep OUT.parts/ after the merge")
     p.add_argument("--summary-json", metavar="FILE", help="also write the run's summary (rows, images/s, ...) here")
-    p.add_argument("--device", type=non_negative, default=0, help="GPU index for the local engine")
+    p.add_argument("--device", type=non_negative(int), default=0, help="GPU index for the local engine")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     g = p.add_argument_group("local engine")
-    g.add_argument("--workers", type=non_negative,
+    g.add_argument("--workers", type=non_negative(int),
                    help="decode processes (default half the CPUs, at least 1; 0 = decode in this process)")
     g = p.add_argument_group("ray engine (the extra [ray])")
     g.add_argument("--num-actors", type=positive(int), default=1, help="model actors, each holding one backend")
     g.add_argument("--cpus-per-actor", type=positive(float), default=1.0,
                    help="CPUs reserved per actor (also its ONNX Runtime threads; default 1)")
-    g.add_argument("--gpus-per-actor", type=non_negative_float, default=0.0, help="GPUs per actor (default 0)")
+    g.add_argument("--gpus-per-actor", type=non_negative(float), default=0.0, help="GPUs per actor (default 0)")
     g.add_argument("--ray-address", metavar="ADDR",
                    help="join this cluster (e.g. ray://head:10001 or auto); default: start a local one")
     p.set_defaults(func=cmd_predict)
