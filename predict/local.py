@@ -5,6 +5,8 @@ of files per task, while this process runs the model on batches of up to ``max_b
 image's crops are never split across batches) and writes shards as they complete. Tasks are
 submitted a bounded window ahead, in input order, so memory stays flat on any number of files and
 the model rarely waits. ``workers=0`` decodes in this process (no overlap; for debugging).
+The pool is started (:func:`decode_pool`) before the model loads, so spawning the workers and their
+imports overlap the model's load instead of delaying the first batch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ from predict.stats import Progress, RunStats
 def _ignore_sigint() -> None:
     # Ctrl-C reaches the whole process group; the parent decides (stop, keep finished shards).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ready() -> bool:
+    return True  # unpickling this task in a worker imported predict.rows (numpy, Pillow) already
+
+
+def decode_pool(workers: int) -> ProcessPoolExecutor | None:
+    """``workers`` spawned decode processes, started now (None for 0: decode in this process)."""
+    if workers == 0:
+        return None
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_sigint)
+    for _ in range(workers):
+        pool.submit(_ready)
+    return pool
 
 
 class ShardAssembler:
@@ -53,8 +69,9 @@ class ShardAssembler:
 
 
 def run_local(model, plan: ShardPlan, todo: list[Shard], spec: DecodeSpec, k: int, max_batch: int,
-              workers: int, progress: Progress) -> RunStats:
-    """Classify every file of the ``todo`` shards; return what it took."""
+              pool: ProcessPoolExecutor | None, workers: int, progress: Progress) -> RunStats:
+    """Classify every file of the ``todo`` shards with ``pool``'s ``workers`` decode processes
+    (None and 0: in this process); return what it took. The caller shuts the pool down."""
     crops_per = 10 if spec.tta == "ten_crop" else 1
     per_batch = max(1, max_batch // crops_per)
     cfg, labels, sha = model.preprocess, model.labels, model.entry.sha256
@@ -87,32 +104,28 @@ def run_local(model, plan: ShardPlan, todo: list[Shard], spec: DecodeSpec, k: in
 
     chunks = [(a, plan.paths[a:min(a + per_batch, s.stop)]) for s in todo for a in range(s.start, s.stop, per_batch)]
     stats.start()
-    if workers == 0:
+    if pool is None:
         for a, paths in chunks:
             t0 = time.perf_counter()
             results = decode_many(paths, spec)
             stats.wait_s += time.perf_counter() - t0
             take(a, results)
     else:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_sigint)
-        try:
-            window: deque = deque()
-            feed = iter(chunks)
-            for a, paths in feed:
-                window.append((a, pool.submit(decode_many, paths, spec)))
-                if len(window) >= 4 * workers + 2:
-                    break
-            while window:
-                a, fut = window.popleft()
-                t0 = time.perf_counter()
-                results = fut.result()
-                stats.wait_s += time.perf_counter() - t0
-                nxt = next(feed, None)
-                if nxt is not None:
-                    window.append((nxt[0], pool.submit(decode_many, nxt[1], spec)))
-                take(a, results)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        window: deque = deque()
+        feed = iter(chunks)
+        for a, paths in feed:
+            window.append((a, pool.submit(decode_many, paths, spec)))
+            if len(window) >= 4 * workers + 2:
+                break
+        while window:
+            a, fut = window.popleft()
+            t0 = time.perf_counter()
+            results = fut.result()
+            stats.wait_s += time.perf_counter() - t0
+            nxt = next(feed, None)
+            if nxt is not None:
+                window.append((nxt[0], pool.submit(decode_many, nxt[1], spec)))
+            take(a, results)
     flush()
     stats.stop(images=sum(s.stop - s.start for s in todo))
     assert assembler.complete, "every shard should have been written"

@@ -63,7 +63,8 @@ class Predictor:
         manifest = read_manifest(directory)
         entry = next(a for a in manifest.artifacts if a.file == file)
         self.cfg = manifest.preprocess_config
-        self.backend = open_backend(Path(directory), manifest, runtime, entry, precision, 0, threads, max_batch)
+        self.backend = open_backend(Path(directory), manifest, runtime, entry, precision, 0, threads, max_batch,
+                                    spin=False)  # decode tasks share the node's cores
         self.classes = manifest.num_classes
 
     def __call__(self, batch: dict) -> dict:

@@ -90,14 +90,20 @@ def run_predict(opts: PredictOptions, report=print) -> dict:
     stats = None
     try:
         if todo and opts.engine == "local":
-            from predict.local import run_local
+            from predict.local import decode_pool, run_local
 
             workers = opts.workers if opts.workers is not None else max(1, usable_cpus() // 2)
-            model = load_model(directory, runtime, opts.precision, opts.device_id, opts.threads, opts.max_batch)
+            pool = decode_pool(workers)  # spawns while the model loads
             try:
-                stats = run_local(model, plan, todo, spec, k, opts.max_batch, workers, progress)
+                model = load_model(directory, runtime, opts.precision, opts.device_id, opts.threads, opts.max_batch,
+                                   spin=workers == 0)  # decode workers need the cores between calls
+                try:
+                    stats = run_local(model, plan, todo, spec, k, opts.max_batch, pool, workers, progress)
+                finally:
+                    model.backend.deactivate()
             finally:
-                model.backend.deactivate()
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
         elif todo:
             from predict.ray_engine import run_ray
 

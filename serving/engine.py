@@ -67,8 +67,9 @@ def select_artifact(manifest: Manifest, backend: str = "auto", precision: str = 
 
 
 def open_backend(directory: Path, manifest: Manifest, runtime: str, entry: ArtifactEntry, precision: str,
-                 device_id: int = 0, threads: int = 0, max_batch: int | None = None) -> Backend:
-    """Hash-verify ``entry``'s file and activate ``runtime`` on it (see :func:`select_artifact`)."""
+                 device_id: int = 0, threads: int = 0, max_batch: int | None = None, spin: bool = True) -> Backend:
+    """Hash-verify ``entry``'s file and activate ``runtime`` on it (see :func:`select_artifact`);
+    ``spin=False``: ONNX Runtime's idle threads sleep instead of spin-waiting (others need the cores)."""
     if runtime == flavours.TENSORRT:
         from backends.tensorrt import TensorRTBackend
 
@@ -77,7 +78,7 @@ def open_backend(directory: Path, manifest: Manifest, runtime: str, entry: Artif
         from backends.onnxruntime import OnnxRuntimeBackend, available_providers
 
         backend = OnnxRuntimeBackend(verify_file(directory, entry), entry.precision, available_providers(),
-                                     threads or None, device_id, max_batch)
+                                     threads or None, device_id, max_batch, spin)
     elif runtime == flavours.PYTORCH:
         try:
             from backends.pytorch import TorchBackend
@@ -94,7 +95,7 @@ def open_backend(directory: Path, manifest: Manifest, runtime: str, entry: Artif
 
 
 def load_model(directory: str | Path, backend: str = "auto", precision: str = "fp32", device_id: int = 0,
-               threads: int = 0, max_batch: int | None = None) -> LoadedModel:
+               threads: int = 0, max_batch: int | None = None, spin: bool = True) -> LoadedModel:
     """Verify the manifest's hashes and activate the chosen backend (:func:`select_artifact`).
 
     Raises:
@@ -105,7 +106,7 @@ def load_model(directory: str | Path, backend: str = "auto", precision: str = "f
     manifest = read_manifest(directory)
     labels = read_labels(directory, manifest)
     runtime, entry = select_artifact(manifest, backend, precision)
-    loaded = open_backend(directory, manifest, runtime, entry, precision, device_id, threads, max_batch)
+    loaded = open_backend(directory, manifest, runtime, entry, precision, device_id, threads, max_batch, spin)
     return LoadedModel(loaded, manifest, entry, labels, manifest.preprocess_config, directory)
 
 
