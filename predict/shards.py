@@ -2,7 +2,7 @@
 
 The sorted input list is cut into fixed shards of ``shard_size`` files. Shard *i* holds rows
 ``[i*size, (i+1)*size)`` and is written whole, to a temporary name renamed into
-``OUT.parts/part-00007-of-00042.EXT`` when complete (core.fsutil.atomic_path). ``OUT.parts/plan.json``
+``OUT.parts/part-00007-of-00042.EXT`` when complete (core.fsutil.atomic_path). ``OUT.parts/_plan.json``
 records what the shards are of (the inputs' hash, the artifact's sha256, TTA, top-k, shard size,
 format): a re-run of the same command skips the shards that exist; a re-run with anything changed is
 refused rather than mixed. When every shard exists they are merged into ``OUT`` (again via a
@@ -26,7 +26,7 @@ from core.fsutil import atomic_path, write_json_atomic
 from predict.rows import COLUMNS
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
-PLAN = "plan.json"
+PLAN = "_plan.json"  # "_" first: Arrow, pandas and Spark skip it when reading the folder as a table
 
 
 def output_format(out: str | os.PathLike) -> str:

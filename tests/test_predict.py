@@ -207,6 +207,9 @@ def test_existing_output_and_changed_settings_are_refused(tree, digits_artifacts
     assert out.read_bytes() == before
     # An unfinished run (its shards kept, one removed, the output gone) resumed with another TTA is refused.
     assert run_cli(*base, "--overwrite", "--keep-shards").returncode == 0
+    import pyarrow.parquet as pq  # the kept shards read as one table, as the README says (the plan is skipped)
+
+    assert pq.read_table(out.with_name("p.parquet.parts")).to_pylist() == read_rows(out)
     out.unlink()
     sorted(out.with_name("p.parquet.parts").glob("part-*"))[-1].unlink()
     r = run_cli(*base, "--tta", "center")
