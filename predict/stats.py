@@ -34,7 +34,7 @@ class RunStats:
     """What one run did: images this run, errors, wall time, time in the model and waiting for decode."""
 
     engine: str
-    workers: int = 0
+    workers: int = 0  # local: decode processes; ray: model actors
     images: int = 0
     errors: int = 0
     seconds: float = 0.0
@@ -56,6 +56,9 @@ class RunStats:
 
     def to_dict(self) -> dict:
         d = {"engine": self.engine, "images": self.images, "errors": self.errors, "seconds": round(self.seconds, 3),
-             "images_per_s": round(self.images_per_s, 2), "model_s": round(self.model_s, 3),
-             "decode_wait_s": round(self.wait_s, 3), "workers": self.workers}
+             "images_per_s": round(self.images_per_s, 2)}
+        if self.engine == "local":  # timed in this process; Ray's actors and tasks are not timed here
+            d |= {"workers": self.workers, "model_s": round(self.model_s, 3), "decode_wait_s": round(self.wait_s, 3)}
+        else:
+            d["num_actors"] = self.workers
         return d | self.extra

@@ -4,6 +4,8 @@ leave no CPU to decode on."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import run_cli
 from imagetree import BAD, bad_files, make_tree
@@ -16,14 +18,22 @@ pytest.importorskip("ray.data", reason="Ray Data is the optional extra [ray]: pi
 def test_ray_engine_rows_equal_the_local_engine(digits_artifacts, tmp_path):
     root = tmp_path / "photos"
     truth = make_tree(root, 240)
-    rows = {}
+    rows, summaries = {}, {}
     for engine in ("local", "ray"):
         out = tmp_path / f"{engine}.parquet"
         r = run_cli("predict", str(digits_artifacts), str(root), "--out", str(out), "--engine", engine,
-                    "--shard-size", "64", "--no-progress", timeout=600)
+                    "--shard-size", "64", "--no-progress", "--summary-json", str(tmp_path / f"{engine}.json"),
+                    timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"{engine} engine" in r.stdout
         rows[engine] = read_rows(out)
+        summaries[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
+    import ray
+
+    s = summaries["ray"]
+    assert (s["engine"], s["images"], s["errors"], s["num_actors"], s["ray_version"]) == ("ray", 240 + len(BAD),
+                                                                                       len(BAD), 1, ray.__version__)
+    assert "model_s" not in s  # the actors' time is not measured by the driver: no made-up zero
     local, ray = rows["local"], rows["ray"]
     assert [r["path"] for r in ray] == [r["path"] for r in local] == sorted(set(truth) | set(bad_files(root)))
     for a, b in zip(local, ray):
