@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -197,6 +198,21 @@ class Manifest:
     def eval_dataset(self) -> str | None:
         """The data the gate measured on (``--eval-data`` or the calibration data)."""
         return self.eval.get("dataset")
+
+    @property
+    def model_name(self) -> str:
+        """The name Open Inference Protocol clients and Triton use: ``ARCH_DATASET`` (e.g.
+        ``resnet20_digits``), or ``ARCH`` when the gate data is unknown; letters, digits, ``_ . -``."""
+        raw = f"{self.arch}_{self.eval_dataset}" if self.eval_dataset else self.arch
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw).strip("._-") or "model"
+
+    @property
+    def input_name(self) -> str:
+        return (self.input or {}).get("name", "input")
+
+    @property
+    def output_name(self) -> str:
+        return (self.output or {}).get("name", "logits")
 
     def entries(self, kind: str = "onnx") -> list[ArtifactEntry]:
         return [a for a in self.artifacts if a.kind == kind]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from core.errors import ConfigError
@@ -55,6 +56,8 @@ class Settings:
             default: with no exporter configured they are built and dropped, at a cost per request.
         timeout_s: BentoML's per-request timeout, a 504 past it (``RESDEPLOY_TIMEOUT_S``; default the
             queueing budget + 30 s).
+        model_name: the Open Inference Protocol's model name (``RESDEPLOY_MODEL_NAME``; empty = the
+            manifest's ``ARCH_DATASET``, the name ``resdeploy triton`` gives the same artifacts).
         decode_threads: threads per worker decoding and cropping uploads (``RESDEPLOY_DECODE_THREADS``;
             0 = half the CPUs this process may use, at least 1).
     """
@@ -75,6 +78,7 @@ class Settings:
     access_log: bool
     trace: bool
     timeout_s: int
+    model_name: str = ""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -115,4 +119,12 @@ class Settings:
             access_log=_flag("RESDEPLOY_ACCESS_LOG"),
             trace=_flag("RESDEPLOY_TRACE"),
             timeout_s=timeout_s,
+            model_name=_model_name(os.environ.get("RESDEPLOY_MODEL_NAME", "")),
         )
+
+
+def _model_name(raw: str) -> str:
+    if raw and not re.fullmatch(r"[A-Za-z0-9_.-]+", raw):
+        raise ConfigError(f"RESDEPLOY_MODEL_NAME={raw!r}: use letters, digits, '_', '.' and '-' only (it is a URL "
+                          "path segment)")
+    return raw

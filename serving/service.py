@@ -21,7 +21,6 @@ Model source: ``RESDEPLOY_ARTIFACTS=DIR``, else the BentoML model-store model
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import threading
@@ -29,40 +28,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 import bentoml
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from core.manifest import read_labels, read_manifest
 from core.scores import crop_average, top_k
-from serving import http
+from serving import http, v2
 from serving.batcher import Batcher, Closed, Overloaded, resolve
 from serving.config import Settings
 from serving.engine import LoadedModel, check_directory, load_model, warm_up
 from serving.memory import limit_malloc_arenas
+from serving.metrics import metrics
 
 log = logging.getLogger("serving")
 SETTINGS = Settings.from_env()
 if SETTINGS.artifacts:
     check_directory(SETTINGS.artifacts)
-
-
-@functools.cache
-def metrics():
-    """Prometheus metrics, created lazily: BentoML sets the multiprocess directory after import."""
-    import prometheus_client as p
-
-    return {
-        "preprocess": p.Histogram("resdeploy_preprocess_seconds", "decode + crop time per image",
-                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)),
-        "crops": p.Histogram("resdeploy_crops_per_batch", "rows (crops) per inference batch",
-                             buckets=(1, 2, 5, 10, 11, 20, 30, 40, 60, 80, 100, 200, 400)),
-        "requests": p.Histogram("resdeploy_requests_per_batch", "images (requests' blocks of rows) per inference batch",
-                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64)),
-        "queue": p.Histogram("resdeploy_queue_seconds", "wait of the oldest request in a batch for the model",
-                             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)),
-        "rejected": p.Counter("resdeploy_rejected_requests", "requests answered 4xx/503, by reason", ["reason"]),
-    }
 
 
 def _observe(rows: int, requests: int, wait_s: float) -> None:
@@ -120,7 +104,8 @@ async def model(request):
 
 app = Starlette(routes=[Route("/classify", classify, methods=["POST"]),
                         Route("/classify_batch", classify_batch, methods=["POST"]),
-                        Route("/model", model, methods=["GET"])])
+                        Route("/model", model, methods=["GET"]),
+                        *v2.routes()])  # the Open Inference Protocol (serving/v2.py)
 
 
 @bentoml.service(name="resdeploy", traffic={"timeout": SETTINGS.timeout_s}, workers=SETTINGS.workers,
@@ -128,7 +113,8 @@ app = Starlette(routes=[Route("/classify", classify, methods=["POST"]),
                  tracing={"excluded_urls": [] if SETTINGS.trace else ["/classify"]})
 @bentoml.asgi_app(app, path="/")
 class Classifier:
-    """Public endpoints: ``POST /classify``, ``POST /classify_batch``, ``GET /model``.
+    """Public endpoints: ``POST /classify``, ``POST /classify_batch``, ``GET /model``, and the Open
+    Inference Protocol's ``/v2/...`` (serving/v2.py).
 
     The model loads, is hash-verified and warmed up in a background thread; ``/readyz`` is 503
     until then (``__is_ready__``), and so is every request.
@@ -143,10 +129,13 @@ class Classifier:
         self.manifest = read_manifest(self.directory)
         self.labels = read_labels(self.directory, self.manifest)  # hash-checked
         self.num_classes = self.manifest.num_classes
+        self.settings = SETTINGS
+        self.model_name = SETTINGS.model_name or self.manifest.model_name  # the v2 protocol's name
         self.preprocess = self.manifest.preprocess_config
         self.model: LoadedModel | None = None
         self.model_info: dict | None = None
-        self.batcher: Batcher | None = None
+        self.batcher: Batcher | None = None  # uint8 crops: /classify, /classify_batch, v2 images and pixels
+        self.float_batcher: Batcher | None = None  # normalised float32 rows: v2's FP32 input
         self.error: BaseException | None = None
         self.ready = threading.Event()
         # Half the CPUs decode by default: the model's own threads take the rest (on 2 cores one decode
@@ -163,8 +152,21 @@ class Classifier:
                                SETTINGS.threads, SETTINGS.max_batch)
             warm_up(model, sorted({1, 10, SETTINGS.max_batch}), SETTINGS.warmup_iters)
             mean, std = model.preprocess.mean, model.preprocess.std
-            self.batcher = Batcher(lambda rows: model.backend.infer_uint8(rows, mean, std), SETTINGS.max_batch,
-                                   SETTINGS.max_latency_ms / 1000, _observe)
+            # Two queues, one model: the lock keeps their inference threads off the backend at once
+            # (a TensorRT execution context is not re-entrant).
+            lock = threading.Lock()
+
+            def run_uint8(rows):
+                with lock:
+                    return model.backend.infer_uint8(rows, mean, std)
+
+            def run_float(rows):
+                with lock:
+                    return model.backend.infer(rows)
+
+            budget = SETTINGS.max_latency_ms / 1000
+            self.batcher = Batcher(run_uint8, SETTINGS.max_batch, budget, _observe)
+            self.float_batcher = Batcher(run_float, SETTINGS.max_batch, budget, _observe, "resdeploy-batcher-fp32")
             self.model = model
             self.model_info = {"arch": model.manifest.arch, "precision": model.entry.precision,
                                "backend": model.backend.name, "sha256": model.entry.sha256}
@@ -186,6 +188,18 @@ class Classifier:
 
     async def classify_bytes(self, data: bytes, k: int, tta: str) -> dict:
         """Decode, crop, infer (batched with other requests), average softmax over crops, top-k."""
+        t0 = time.perf_counter()
+        logits, t_pre = await self.image_logits(data, tta)
+        t_inf = time.perf_counter()
+        best = top_k(crop_average(logits), k, self.labels)
+        return {"top1": best[0], "top_k": best, "tta": tta, "model": self.model_info,
+                "timing_ms": {"preprocess": round((t_pre - t0) * 1000, 3),
+                              "inference": round((t_inf - t_pre) * 1000, 3),
+                              "total": round((time.perf_counter() - t0) * 1000, 3)}}
+
+    async def image_logits(self, data: bytes, tta: str):
+        """``(logits of the crops, when decoding ended)``: decode and crop on a decode thread, queue the
+        crops for the model, await their batch. Bad images raise a 4xx :class:`http.HTTPError`."""
         self.loaded()  # refuse before decoding anything
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -202,18 +216,29 @@ class Classifier:
                 loop.call_soon_threadsafe(resolve, future, None, e)
 
         self.decoders.submit(decode_and_queue)
+        return await _answer(future), decoded[0]
+
+    async def tensor_logits(self, rows):
+        """Logits of preprocessed rows: uint8 (N, crop, crop, 3) crops or float32 (N, 3, crop, crop)
+        normalised input, batched with other requests of the same kind."""
+        self.loaded()
+        batcher = self.batcher if rows.dtype == np.uint8 else self.float_batcher
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         try:
-            logits = await future
-        except http.HTTPError:
-            raise
-        except (Overloaded, Closed) as e:  # counted by reason where the 503 is answered
+            batcher.put(rows, loop, future)
+        except Closed as e:
             raise http.HTTPError(503, "overloaded", str(e)) from e
-        except Exception as e:
-            raise http.HTTPError(503, "inference_failed", f"inference failed: {e}") from e
-        t_inf = time.perf_counter()
-        t_pre = decoded[0]
-        best = top_k(crop_average(logits), k, self.labels)
-        return {"top1": best[0], "top_k": best, "tta": tta, "model": self.model_info,
-                "timing_ms": {"preprocess": round((t_pre - t0) * 1000, 3),
-                              "inference": round((t_inf - t_pre) * 1000, 3),
-                              "total": round((time.perf_counter() - t0) * 1000, 3)}}
+        return await _answer(future)
+
+
+async def _answer(future):
+    """A batcher future's logits; queueing and inference failures as 503s."""
+    try:
+        return await future
+    except http.HTTPError:
+        raise
+    except (Overloaded, Closed) as e:  # counted by reason where the 503 is answered
+        raise http.HTTPError(503, "overloaded", str(e)) from e
+    except Exception as e:
+        raise http.HTTPError(503, "inference_failed", f"inference failed: {e}") from e
