@@ -23,7 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from resdeploy import export_cli, predict_cli, training_cli
+    from resdeploy import export_cli, predict_cli, training_cli, triton_cli
 
     parser = OneLineParser(prog="resdeploy", description="Trained ResNets to production: train, "
                            "evaluate, export and compare residual networks.")
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(sub)
     export_cli.register(sub)
     predict_cli.register(sub)
+    triton_cli.register(sub)
     return parser
 
 

@@ -34,9 +34,26 @@ def percentage(value: str) -> float:
     return v
 
 
+def _triton_options(args):
+    """``--triton-repo``'s writer options, checked before the export starts: the repository may be
+    replaced only when it is one (every entry a model folder with config.pbtxt)."""
+    from core.errors import ConfigError
+    from export.triton import TritonOptions, check_out, is_model_repository, validate
+
+    if args.trt and args.max_batch < 10:
+        raise ConfigError(f"--triton-repo batches in tens: with --trt pass --max-batch >= 10, not {args.max_batch}")
+    opts = TritonOptions(artifacts=args.out, out=args.triton_repo, max_batch=max(10, args.max_batch // 10 * 10),
+                         overwrite=is_model_repository(args.triton_repo))
+    validate(opts)
+    check_out(opts.out, opts.artifacts, opts.overwrite, "--triton-repo",
+              "it is not a model repository (those are replaced); choose another --triton-repo")
+    return opts
+
+
 def cmd_export(args) -> int:
     from export.pipeline import run_export
 
+    triton = _triton_options(args) if args.triton_repo else None
     flags = {k: getattr(args, k) for k in PREPROCESS_FLAGS}
     opts = ExportOptions(
         checkpoint=args.checkpoint, out=args.out, arch=args.arch, precisions=args.precisions,
@@ -60,6 +77,11 @@ def cmd_export(args) -> int:
     if result.bento_model:
         print(f"saved BentoML model {result.bento_model}; build the service image with: "
               f"RESDEPLOY_BENTO_MODEL={result.bento_model} bentoml build")
+    if triton is not None:
+        from export.triton import write_repository
+
+        repo, models = write_repository(triton)
+        print(f"wrote Triton model repository {repo}: {', '.join(m.name for m in models)}")
     if manifest.accepted_accuracy_drop:
         print("warning: some artifacts are over their accuracy budget (accepted with --accept-accuracy-drop)",
               file=sys.stderr)
@@ -112,6 +134,9 @@ def register(sub) -> None:
     p.add_argument("--bento-model", metavar="NAME",
                    help="also store the finished directory in the local BentoML model store as NAME "
                         "(lowercase letters, digits, '-', '_', '.'; e.g. resdeploy-digits)")
+    p.add_argument("--triton-repo", metavar="DIR",
+                   help="also write a Triton model repository of the result here (as `resdeploy triton OUT "
+                        "--out DIR`; an existing repository is replaced)")
     p.add_argument("--data-root", default="data", help="where 'cifar10' is looked for")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     add_preprocess_flags(p)
