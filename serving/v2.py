@@ -40,6 +40,8 @@ IMAGE, PIXELS, PROBS = "image", "pixels", "probabilities"
 MAX_IMAGES = 32  # as /classify_batch
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "pytorch": "pytorch"}
 log = logging.getLogger("serving")
+# resdeploy_rejected_requests_total{reason} of protocol errors, by status (image errors keep /classify's reasons)
+REASONS = {404: "v2_not_found", 413: "request_too_large", 415: "unsupported_media_type"}
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
 
 
@@ -69,6 +71,7 @@ def _guard(handler):
         try:
             return await handler(request)
         except ProtocolError as e:
+            metrics()["rejected"].labels(REASONS.get(e.status, "v2_bad_request")).inc()
             return _error(str(e), e.status)
         except http.HTTPError as e:
             metrics()["rejected"].labels(e.error).inc()

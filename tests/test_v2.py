@@ -243,3 +243,36 @@ def test_bad_requests_get_4xx_with_an_error_body(triton, web, images):
                                   (b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"}, 400)]:
         r = web.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers)
         assert r.status_code == status and set(r.json()) == {"error"}, (status, r.text)
+
+
+def _rejected(web) -> dict[str, float]:
+    """``resdeploy_rejected_requests_total`` by reason, read from the server's /metrics text."""
+    out = {}
+    for line in web.get("/metrics").text.splitlines():
+        if line.startswith("resdeploy_rejected_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = out.get(reason, 0.0) + float(value)
+    return out
+
+
+def test_rejections_are_counted_once_each(web, triton):
+    """Every rejected request adds exactly one to its reason: a /classify_batch of three bad
+    images is one rejected request, not three (nor one more per layer that saw the error)."""
+    before = _rejected(web)
+    bad = ("x.png", b"not an image at all")
+    for _ in range(2):
+        assert web.post("/classify", files={"image": bad}).status_code == 415
+    r = web.post("/classify_batch", files=[("image", bad)] * 3)
+    assert r.status_code == 415
+    assert web.post("/classify", data={"top_k": "3"}, files={"x": ("a", b"b")}).status_code == 400  # no image field
+    for _ in range(3):
+        assert web.post(f"/v2/models/{MODEL}/infer", content=b"{oops").status_code == 400
+    assert web.get("/v2/models/nope").status_code == 404
+    t = _bytes_input([b"not an image at all"])
+    with pytest.raises(InferenceServerException):
+        triton.infer(MODEL, [t])
+    after = _rejected(web)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    assert {k: v for k, v in delta.items() if v} == {"invalid_image": 4.0, "missing_image": 1.0,
+                                                      "v2_bad_request": 3.0, "v2_not_found": 1.0}
