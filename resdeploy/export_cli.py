@@ -90,7 +90,7 @@ def cmd_export(args) -> int:
 
 def register(sub) -> None:
     """Add ``export`` to the ``resdeploy`` parser."""
-    from training.resnet import SHORTCUTS
+    from training.names import SHORTCUTS
 
     p = sub.add_parser("export", help="BN-folded ONNX, FP16, INT8 (and TensorRT engines) behind an accuracy gate")
     p.add_argument("checkpoint", help="a resdeploy checkpoint or an imported state_dict (.pt/.pth)")

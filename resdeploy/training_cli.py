@@ -32,8 +32,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from training.resnet import SHORTCUTS
-    from training.train import AUGMENTS, SCHEDULES
+    from training.names import AUGMENTS, SCHEDULES, SHORTCUTS
 
     _add_data_flags(p)
     p.add_argument("--epochs", type=positive(int), default=30)
@@ -135,8 +134,7 @@ def cmd_compare(args) -> int:
 
 def register(sub) -> None:
     """Add the training-stage sub-commands to the ``resdeploy`` parser."""
-    from training.evaluate import EVAL_TTA
-    from training.resnet import SHORTCUTS
+    from training.names import EVAL_TTA, SHORTCUTS
 
     p = sub.add_parser("models", help="list every architecture with parameters and GFLOPs")
     p.add_argument("--json", action="store_true", help="machine-readable output")

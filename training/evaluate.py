@@ -23,8 +23,7 @@ from core.errors import ConfigError, DatasetError
 from core.preprocess import PreprocessConfig, multiscale_sizes, preprocess, preprocess_full
 from core.scores import top_k_indices
 from training.data import Split, is_labelled
-
-EVAL_TTA = ("center", "ten_crop", "multiscale")
+from training.names import EVAL_TTA  # re-exported: the CLI reads it without torch
 
 
 def _progress(total: int, desc: str, enabled: bool):

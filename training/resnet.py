@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import ConfigError
-
-SHORTCUTS = ("A", "B", "C")
+from training.names import SHORTCUTS  # re-exported: the CLI reads it without torch
 
 
 @dataclass(frozen=True)

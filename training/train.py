@@ -37,12 +37,11 @@ from training import augment
 from training.checkpoint import FORMAT, read_checkpoint, save_atomic
 from training.data import Dataset, load_dataset
 from training.evaluate import center_tensor, predict_probs, topk_accuracy
+from training.names import AUGMENTS, SCHEDULES  # re-exported: the CLI reads it without torch
 from training.plots import save_curves
 from training.resnet import ARCHS, build_model, canonical_arch
 
 log = logging.getLogger(__name__)
-AUGMENTS = ("auto", "cifar", "flip", "imagenet", "none")
-SCHEDULES = ("step", "plateau")
 
 
 @dataclass
