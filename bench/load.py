@@ -28,6 +28,9 @@ before the sweep and again after it and averaged (a shared VM drifts by 10-20% w
   ``overhead_cpu_ms_per_req`` = server CPU ms per request - (decode + model CPU ms per image):
   the host CPU the service spends outside decoding and the model (HTTP, multipart, batching).
 
+A ``--raw`` directory that does not hold the file the server reports (``GET /model``: file and
+sha256) is refused with exit 2 before any request is sent, warm-up included.
+
 ``--soak-minutes M`` (bench/soak.py) runs the first concurrency level for M minutes instead,
 sampling the RSS of every server process every ``--sample-seconds``; ``--max-growth-pct P``
 fails the run if a process grew more than P% after ``--settle-minutes``.
@@ -264,7 +267,11 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-async def _model_and_warmup(url: str, images: list, tta: str, warmup: int, timeout: float) -> dict:
+async def _model_and_warmup(url: str, images: list, tta: str, warmup: int, timeout: float,
+                            raw: str | None = None) -> dict:
+    """The server's ``GET /model`` answer, then ``warmup`` untimed requests. With ``raw`` (--raw DIR)
+    the directory is checked against that answer first: a mismatch raises LoadError before any
+    request to /classify is sent."""
     import httpx
 
     async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
@@ -276,10 +283,14 @@ async def _model_and_warmup(url: str, images: list, tta: str, warmup: int, timeo
         if r.status_code != 200:
             raise LoadError(f"GET {url}/model answered {r.status_code}: {r.text[:200]} (not ready yet?)",
                             exit_code=1)
+        model = r.json()
+        problem = raw and raw_mismatch(raw, model)
+        if problem:
+            raise LoadError(problem)
         for i in range(warmup):  # connection set-up and first-call costs stay out of the first level
             name, data, mime = images[i % len(images)]
             await client.post(url + "/classify", files={"image": (name, data, mime)}, data={"tta": tta})
-        return r.json()
+        return model
 
 
 # ---------------------------------------------------------------- output
@@ -377,10 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         levels = parse_levels(args.concurrency)
         check_flags(args)
         images = make_images(args.image_size, args.num_images, args.seed, args.images, args.photos)
-        model = asyncio.run(_model_and_warmup(url, images, args.tta, args.warmup, args.timeout))
-        problem = args.raw and raw_mismatch(args.raw, model)
-        if problem:
-            raise LoadError(problem)
+        model = asyncio.run(_model_and_warmup(url, images, args.tta, args.warmup, args.timeout, args.raw))
     except LoadError as e:
         print(f"load.py: error: {e}", file=sys.stderr)
         return e.exit_code

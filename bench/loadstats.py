@@ -291,8 +291,12 @@ def raw_mismatch(directory: str | os.PathLike, model: dict) -> str | None:
         return f"--raw {directory}: {' '.join(str(e).split())}"
     if any(a.file == model.get("file") and a.sha256 == model.get("sha256") for a in manifest.artifacts):
         return None
-    return (f"--raw {directory} does not hold the server's {model.get('file')} (sha256 "
-            f"{str(model.get('sha256'))[:12]}); pass the directory the server serves")
+    same_file = [a.sha256 for a in manifest.artifacts if a.file == model.get("file")]
+    holds = (f"its {model.get('file')} is sha256 {same_file[0][:12]}" if same_file else
+             f"it lists only {', '.join(a.file for a in manifest.artifacts) or 'no artifacts'}")
+    return (f"--raw {directory} is not the server's model: the server runs {model.get('file')} (sha256 "
+            f"{str(model.get('sha256'))[:12]}), {holds}; pass the directory the server serves "
+            "(its RESDEPLOY_ARTIFACTS)")
 
 
 def apply_yardsticks(rows: list[dict], raw: dict, pipeline: dict) -> None:

@@ -32,13 +32,15 @@ PRECISIONS = DIGITS_PRECISIONS  # the digits_artifacts fixture (conftest.py) exp
 
 
 def _parity(model, onnx_path: Path, size: int) -> float:
+    """The largest |ONNX - PyTorch| logit difference relative to the largest |PyTorch| logit: float32
+    rounding grows with the logits' scale, which differs by orders of magnitude between models."""
     worst = 0.0
     with OnnxRuntimeBackend(onnx_path, providers=["CPUExecutionProvider"]) as b:
         for n in (1, 7):
             x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
             with torch.no_grad():
                 ref = model(x).numpy()
-            worst = max(worst, float(np.abs(b.infer(x.numpy()) - ref).max()))
+            worst = max(worst, float(np.abs(b.infer(x.numpy()) - ref).max() / np.abs(ref).max()))
     return worst
 
 
@@ -48,7 +50,7 @@ def test_digits_fp32_has_no_batchnorm_and_matches_pytorch(digits_run: Path, digi
     assert isinstance(batch_dim(proto), str)  # symbolic
     onnx.checker.check_model(proto, full_check=True)
     model = restore_model(digits_run / "best.pt").model
-    assert _parity(model, digits_artifacts / "model.fp32.onnx", 32) <= 1e-4
+    assert _parity(model, digits_artifacts / "model.fp32.onnx", 32) <= 1e-5  # measured 2e-7
 
 
 def test_random_init_resnet50_folds_and_matches_pytorch(tmp_path: Path):
@@ -68,7 +70,7 @@ def test_random_init_resnet50_folds_and_matches_pytorch(tmp_path: Path):
     path = export_fp32(folded, tmp_path / "r50.onnx", 224)
     assert op_counts(onnx.load(str(path))).get("BatchNormalization", 0) == 0
     assert not list(tmp_path.glob("*.data"))  # self-contained: no external-data sidecar
-    assert _parity(model, path, 224) <= 1e-4
+    assert _parity(model, path, 224) <= 1e-4  # measured 3e-5 (50 layers: more rounding than ResNet-20)
 
 
 def test_every_precision_loads_in_ort_cpu_and_is_within_budget(digits_artifacts: Path):
@@ -91,6 +93,62 @@ def test_every_precision_loads_in_ort_cpu_and_is_within_budget(digits_artifacts:
     ref = m.eval["pytorch_fp32"]["top1"]
     assert m.find("fp16").top1 >= 0.995 * ref
     assert m.find("int8").top1 >= 0.99 * ref and m.find("int8-cpu").top1 >= 0.99 * ref
+
+
+def _independent_preprocess(images: np.ndarray, pre: dict) -> np.ndarray:
+    """NHWC uint8 -> NCHW float32 from the recorded numbers alone, written here without core.preprocess:
+    shorter side to ``resize`` (PIL bilinear, torchvision's rounding), centre ``crop``, /255, -mean, /std."""
+    from PIL import Image
+
+    mean, std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
+    out = []
+    for im in images:
+        img = Image.fromarray(im)
+        w, h = img.size
+        if min(w, h) != pre["resize"]:
+            s = pre["resize"]
+            img = img.resize((s, int(s * h / w)) if w <= h else (int(s * w / h), s), Image.BILINEAR)
+        a = np.asarray(img, np.float32)
+        top, left = int(round((a.shape[0] - pre["crop"]) / 2)), int(round((a.shape[1] - pre["crop"]) / 2))
+        a = a[top:top + pre["crop"], left:left + pre["crop"]] / 255.0
+        out.append(((a - mean) / std).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def test_artifacts_classify_the_true_labels_with_the_checkpoints_preprocessing(digits_run: Path,
+                                                                                 digits_artifacts: Path):
+    """Not the gate's own numbers read back: each ONNX file run directly in ONNX Runtime on the digits
+    test images, preprocessed here from the checkpoint's recorded numbers, against the true labels."""
+    from training.data import load_digits_dataset
+
+    ckpt = torch.load(digits_run / "best.pt", weights_only=True)
+    pre = ckpt["preprocess"]
+    digits = load_digits_dataset()
+    # The checkpoint's mean/std are the training images' channel statistics (computed here, in [0, 1]).
+    x = digits.train.images.reshape(-1, 3).astype(np.float64) / 255.0
+    assert pre["mean"] == pytest.approx(x.mean(0).tolist(), rel=1e-3)
+    assert pre["std"] == pytest.approx(x.std(0).tolist(), rel=1e-3)
+    manifest = json.loads((digits_artifacts / "manifest.json").read_text())
+    for key in ("mean", "std", "resize", "crop", "input_size", "interpolation"):
+        assert manifest["preprocess"][key] == pre[key], key  # exported as trained
+
+    images, labels = digits.test.images, digits.test.labels
+    assert manifest["eval"]["dataset"] == "digits" and manifest["eval"]["images"] == len(labels)
+    batch = _independent_preprocess(images, pre)
+    one_image = 100.0 / len(labels)  # an int8 logit tie may break the other way: at most one image
+    onnx_entries = [a for a in manifest["artifacts"] if a["file"].endswith(".onnx")]
+    assert [a["precision"] for a in onnx_entries] == PRECISIONS
+    for a in onnx_entries:
+        opts = ort.SessionOptions()
+        if a["precision"] == "int8":
+            # The TensorRT form (int8 activations): TensorRT accumulates in int32, ORT's fused S8S8 CPU
+            # kernels overflow on x86 without VNNI (82.8% here); unfused Q/DQ is its exact arithmetic.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session = ort.InferenceSession(str(digits_artifacts / a["file"]), opts, providers=["CPUExecutionProvider"])
+        logits = session.run(None, {session.get_inputs()[0].name: batch})[0]
+        top1 = 100.0 * float(np.mean(logits.argmax(1) == labels))
+        assert top1 >= 90.0, (a["precision"], top1)
+        assert top1 == pytest.approx(a["top1"], abs=one_image + 1e-9), (a["precision"], top1, a["top1"])
 
 
 def test_fp16_computes_in_half_with_float_io(digits_artifacts: Path):
@@ -232,12 +290,15 @@ def test_trt_without_tensorrt_fails_fast(digits_run: Path, tmp_path: Path):
         pytest.skip("TensorRT and a GPU are present here; the fail-fast path does not apply")
     from conftest import run_cli
 
-    t0 = time.monotonic()
     r = run_cli("export", str(digits_run / "best.pt"), "--out", str(tmp_path / "o"), "--trt")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "pip install 'resdeploy[gpu]'" in r.stderr
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
-    assert time.monotonic() - t0 < 60  # before any ONNX work (which alone takes seconds)
+    # Before any work, whatever the machine's speed: the checkpoint is not even opened, so a missing
+    # one still gets the TensorRT answer, not "not found".
+    r = run_cli("export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--trt")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pip install 'resdeploy[gpu]'" in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_each_calibration_method_gives_its_own_ranges(digits_artifacts: Path, tmp_path: Path):

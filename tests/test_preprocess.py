@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
-import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,19 +354,71 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
 
 
-def test_too_many_pixels_is_rejected_before_decoding():
-    tracemalloc.start()
+def _blank_png(width: int, height: int) -> bytes:
+    """A valid, complete 1-bit all-black PNG of width x height: a few kB that decode to width * height
+    bytes (Pillow's mode "1" holds a byte per pixel), three times that as RGB."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    z = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# Run in a fresh interpreter: the peak resident set (VmHWM, reset through /proc/self/clear_refs) sees
+# Pillow's pixel buffers, which tracemalloc does not (it traces Python's allocator only).
+_PEAK_CHILD = r"""
+import json, sys
+from pathlib import Path
+from core.preprocess import ImageTooLargeError, decode_image
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+PNG_1x1 = bytes.fromhex(sys.argv[1])
+cases = [(Path(p).read_bytes(), None if limit == "default" else int(limit))
+         for p, limit in zip(sys.argv[2::2], sys.argv[3::2])]
+decode_image(PNG_1x1)  # first-call costs (Pillow's plugin imports) before the reset
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+before, outcomes = status("VmRSS"), []
+for data, limit in cases:
     try:
-        with pytest.raises(ImageTooLargeError, match="25000000 pixels.*1000000") as info:
-            decode_image(_png_header(5000, 5000), max_pixels=1_000_000)
-        # Default limit (40 MP): 7000 x 7000 = 49 MP.
-        with pytest.raises(ImageTooLargeError, match="49000000"):
-            decode_image(_png_header(7000, 7000))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 2_000_000, f"decoding allocated {peak} bytes: the pixel limit came too late"
-    assert isinstance(info.value, PreprocessError)
+        decode_image(data) if limit is None else decode_image(data, max_pixels=limit)
+        outcomes.append("decoded")
+    except ImageTooLargeError as e:
+        outcomes.append(str(e))
+print(json.dumps({"growth": status("VmHWM") - before, "outcomes": outcomes}))
+"""
+
+
+def test_too_many_pixels_is_rejected_before_decoding(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    # Real, complete images (no truncation that could stop the decoder early): 25 MP and 49 MP.
+    (tmp_path / "25mp.png").write_bytes(_blank_png(5000, 5000))
+    (tmp_path / "49mp.png").write_bytes(_blank_png(7000, 7000))
+    args = [_blank_png(1, 1).hex(), str(tmp_path / "25mp.png"), "1000000", str(tmp_path / "49mp.png"), "default"]  # default: 40 MP
+    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "25000000 pixels" in out["outcomes"][0] and "1000000" in out["outcomes"][0], out
+    assert "49000000 pixels" in out["outcomes"][1], out
+    # By hand: decoding the smaller one would hold 25 MB ("1": a byte per pixel), then 75 MB as RGB.
+    # Rejected from the header, the peak may grow by no more than an image at the 1 MP limit as RGB
+    # (3 MB), an eighth of the smallest rejected image's own buffer.
+    bound = 1_000_000 * 3
+    assert out["growth"] < bound, f"peak RSS grew {out['growth']} bytes: the pixel limit came too late"
+    assert issubclass(ImageTooLargeError, PreprocessError)  # a client error like any bad image
 
 
 def test_pillow_decompression_bomb_error_maps_to_too_large():
