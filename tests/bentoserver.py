@@ -32,8 +32,9 @@ def log_tail(log: Path, chars: int = 6000) -> str:
 @contextlib.contextmanager
 def serve(artifacts: Path, workdir: Path, env: dict[str, str] | None = None,
           on_poll: Callable[[httpx.Client, int | None], None] | None = None,
-          poll_s: float = 0.05) -> Iterator[tuple[str, Path]]:
-    """Start the service on ``artifacts``; yield ``(url, log_path)`` once /readyz is 200.
+          poll_s: float = 0.05, ready: bool = True) -> Iterator[tuple[str, Path]]:
+    """Start the service on ``artifacts``; yield ``(url, log_path)`` once /readyz is 200 (with
+    ``ready=False``: once the server answers at all, for a model that is not meant to load).
 
     ``on_poll(client, readyz_status)`` runs after every poll that got an HTTP answer (None while
     the server does not listen yet), e.g. to record the readiness sequence.
@@ -61,7 +62,7 @@ def serve(artifacts: Path, workdir: Path, env: dict[str, str] | None = None,
                     code = None
                 if code is not None and on_poll is not None:
                     on_poll(client, code)
-                if code == 200:
+                if code == 200 or (code is not None and not ready):
                     break
                 time.sleep(poll_s)
         yield url, log_path

@@ -176,9 +176,9 @@ def test_no_access_log_line_per_request_by_default(server: Server, client: httpx
 
 
 def test_readyz_is_503_until_warm_and_livez_is_200_throughout(server: Server, client: httpx.Client):
-    assert server.readyz[0] == 503, server.readyz[:10]
-    assert server.readyz[-1] == 200
-    assert len(server.readyz) > 5, "warm-up too short to observe the 503 phase"
+    # How many polls fall in the warm-up depends on the machine; the order does not: 503s, then 200s.
+    first_ok = server.readyz.index(200)
+    assert set(server.readyz[:first_ok]) <= {503} and set(server.readyz[first_ok:]) == {200}, server.readyz
     assert set(server.livez) == {200}, server.livez
     assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
 
@@ -448,3 +448,25 @@ def test_service_module_imports_without_torch(digits_artifacts: Path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == ["resdeploy"]
+
+
+def test_a_model_that_fails_to_load_keeps_the_server_unready(digits_artifacts: Path, tmp_path, samples):
+    """Readiness, deterministically: the model file no longer matches its manifest hash, so the load
+    thread fails; /readyz and v2 ready stay unready, requests get a JSON 503 saying why, /livez is 200."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(digits_artifacts, art)
+    with open(art / "model.fp32.onnx", "ab") as f:
+        f.write(b"tampered")
+    with serve(art, tmp_path, ready=False) as (url, log):
+        with httpx.Client(base_url=url, timeout=30, trust_env=False) as c:
+            deadline = time.monotonic() + 120
+            while "model failed to load" not in log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                time.sleep(0.1)
+            assert c.get("/readyz").status_code == 503 and c.get("/livez").status_code == 200
+            assert c.get("/v2/health/ready").status_code == 400
+            r = c.post("/classify", files=_image(samples["digit1"]))
+            assert r.status_code == 503 and r.json()["error"] == "not_ready"
+            assert "model failed to load" in r.json()["detail"] and "sha256" in r.json()["detail"], r.text
