@@ -37,19 +37,57 @@ def test_eval_ten_crop_json(digits_run: Path, tmp_path: Path):
     assert "top-1" in r.stdout
 
 
+def _top1_by_hand(model, resize: int, crop: int, mean, std) -> float:
+    """Top-1 (%) on the digits test split, preprocessed here with PIL and numpy, not core.preprocess."""
+    import numpy as np
+    from PIL import Image
+
+    from training.data import load_dataset
+
+    test = load_dataset("digits").test
+    off = (resize - crop) // 2
+    pixels = np.stack([np.asarray(Image.fromarray(a).resize((resize, resize), Image.BILINEAR))
+                       [off:off + crop, off:off + crop] for a in test.images])
+    x = (pixels.astype(np.float32) / 255 - np.float32(mean)) / np.float32(std)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    return 100 * float(np.mean(logits.argmax(1).numpy() == test.labels))
+
+
 def test_eval_imported_state_dict_needs_and_uses_flags(digits_run: Path, tmp_path: Path, capsys):
-    """A bare state_dict carries no preprocessing: flags supply it, and match the recorded run."""
-    ck = read_checkpoint(digits_run / "best.pt")
+    """A bare state_dict carries no preprocessing: flags supply it, and every one of them is used.
+
+    The flags differ from both the run's preprocessing and the dataset default (resize 32, crop 32,
+    mean 0.3048, std 0.3235), and the expected top-1 is computed here from the weights by hand.
+    """
+    from training.resnet import build_model
+
+    weights = extract_state_dict(read_checkpoint(digits_run / "best.pt"))
     bare = tmp_path / "bare.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in extract_state_dict(ck).items()}}, bare)
-    pre = ck["preprocess"]
-    fmt = lambda v: ",".join(str(x) for x in v)  # noqa: E731
-    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
-    assert main(["eval", str(digits_run / "best.pt"), "--dataset", "digits", "--json", str(ours)]) == 0
-    assert main(["eval", str(bare), "--arch", "resnet20", "--dataset", "digits", "--resize", "32",
-                 "--crop", "32", "--input-size", "32", "--mean", fmt(pre["mean"]), "--std", fmt(pre["std"]),
-                 "--json", str(theirs)]) == 0
-    assert json.loads(ours.read_text())["top1"] == json.loads(theirs.read_text())["top1"]
+    torch.save({"state_dict": {"module." + k: v for k, v in weights.items()}}, bare)
+    model = build_model("resnet20", num_classes=10)
+    model.load_state_dict(weights)
+    model.eval()
+
+    out = tmp_path / "flags.json"
+    mean, std = (0.45, 0.5, 0.55), (0.25, 0.3, 0.2)  # per channel, so the order matters too
+    assert main(["eval", str(bare), "--arch", "resnet20", "--dataset", "digits", "--resize", "48",
+                 "--crop", "40", "--input-size", "40", "--mean", "0.45,0.5,0.55", "--std", "0.25,0.3,0.2",
+                 "--json", str(out), "--no-progress"]) == 0
+    assert "records no preprocessing" not in capsys.readouterr().err  # every missing value was given
+    res = json.loads(out.read_text())
+    pre = res["preprocess"]
+    assert (pre["resize"], pre["crop"], pre["input_size"]) == (48, 40, 40)
+    assert tuple(pre["mean"]) == mean and tuple(pre["std"]) == std
+    want = _top1_by_hand(model, 48, 40, mean, std)
+    # The flags matter: this checkpoint scores far higher with the preprocessing it was trained with.
+    assert _top1_by_hand(model, 32, 32, (0.3048,) * 3, (0.3235,) * 3) >= want + 10
+    assert res["n"] == 360 and res["top1"] == pytest.approx(want, abs=100 / 360 + 1e-6)  # 1 image of slack
+
+    # Without the flags the dataset default fills in, with a warning naming what was missing.
+    assert main(["eval", str(bare), "--arch", "resnet20", "--dataset", "digits", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "records no preprocessing" in err and "--mean" in err
 
 
 @pytest.mark.parametrize("argv, expect", [

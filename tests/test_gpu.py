@@ -13,10 +13,18 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 
 @needs_cuda
 def test_amp_training_on_cuda(tmp_path: Path):
+    """Mixed-precision training learns: three epochs on the digits (1437 images) cut the training loss
+    well below both its first epoch and ln(10) = 2.30, the loss of a uniform guess over 10 classes.
+    On the CPU (AMP off) the same run gives 2.09, 0.87, 0.48; an optimizer step lost to the gradient
+    scaler (inf/NaN every step), a scale left on the gradients or a frozen lr stays near 2.3 or diverges."""
+    import math
+
     from training.train import TrainConfig, train
 
-    s = train(TrainConfig(arch="resnet20", out=str(tmp_path), epochs=1, limit=256, device="cuda", progress=False))
-    assert s["epochs"][0]["train_loss"] > 0
+    s = train(TrainConfig(arch="resnet20", out=str(tmp_path), epochs=3, device="cuda", progress=False))
+    losses = [e["train_loss"] for e in s["epochs"]]
+    assert all(math.isfinite(v) for v in losses), losses
+    assert losses[-1] < 0.5 * math.log(10) and losses[-1] < 0.6 * losses[0], losses
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["config"]["amp"] is None  # auto: on for CUDA
     assert all(v.device.type == "cpu" for v in ck["model"].values())  # saved device-neutral

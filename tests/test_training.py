@@ -83,19 +83,78 @@ def test_sigint_then_resume_replays_the_unbroken_run(tmp_path: Path):
     assert [e["epoch"] for e in a["history"]] == [1, 2, 3, 4]
 
 
+# Run under torchrun by the DDP test: each rank records the image indices it trained on and its
+# parameters after every epoch, then the real command line runs.
+_DDP_PROBE = """
+import os, sys
+import torch
+import training.train as T
+
+rank, dump, seen, start = os.environ["RANK"], sys.argv[1], [], {}
+shard, train_epoch = T._shard, T._train_epoch
+
+
+def params(model):
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters()}
+
+
+def recording_shard(run, epoch):
+    if not start:  # the weights before the first step
+        start.update(params(run.model))
+    order, batch, steps = shard(run, epoch)
+    seen.append(order[: steps * batch].tolist())
+    return order, batch, steps
+
+
+def recording_epoch(run, loop, epoch):
+    row = train_epoch(run, loop, epoch)
+    torch.save({"seen": seen, "start": start, "params": params(run.model)}, os.path.join(dump, f"rank{rank}.pt"))
+    return row
+
+
+T._shard, T._train_epoch = recording_shard, recording_epoch
+from resdeploy.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_torchrun_two_process_ddp_gloo(tmp_path: Path):
-    out = tmp_path / "ddp"
+    """Two ranks split the data between them and all-reduce gradients into one set of weights."""
+    out, dump = tmp_path / "ddp", tmp_path / "ranks"
+    dump.mkdir()
+    probe = tmp_path / "probe.py"
+    probe.write_text(_DDP_PROBE)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "resdeploy", "train", "--arch", "resnet20", "--dataset", "digits", "--epochs", "1",
-                        "--limit", "256", "--device", "cpu", "--out", str(out)],
+                        str(probe), str(dump), "train", "--arch", "resnet20", "--dataset", "digits",
+                        "--epochs", "1", "--limit", "256", "--batch-size", "64", "--device", "cpu",
+                        "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and len(metrics["epochs"]) == 1
+    assert len(metrics["epochs"]) == 1
     assert r.stdout.count("wrote ") == 1  # only rank 0 reports
     ck = read_checkpoint(out / "last.pt")
     assert not any(k.startswith("module.") for k in ck["model"])  # saved unwrapped
+
+    ranks = [torch.load(dump / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
+    # By hand: a global batch of 64 is 32 per rank; 256 images are 128 per rank, 4 steps of 32.
+    # The ranks' shards are disjoint halves that together cover every image exactly once.
+    (seen0,), (seen1,) = ranks[0]["seen"], ranks[1]["seen"]
+    assert len(seen0) == len(seen1) == 128
+    assert not set(seen0) & set(seen1)
+    assert sorted(seen0 + seen1) == list(range(256))
+    # Gradients averaged across ranks: both replicas end with the same weights although they
+    # trained on different images, and those are the weights rank 0 saved.
+    p0, p1 = ranks[0]["params"], ranks[1]["params"]
+    assert p0.keys() == p1.keys() and len(p0) > 0
+    for k in p0:
+        torch.testing.assert_close(p1[k], p0[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(ck["model"][k], p0[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    # ...and those weights were trained: one epoch of SGD moved every convolution.
+    for k in p0:
+        if k.endswith("conv1.weight") or k.endswith("conv2.weight"):
+            assert not torch.equal(p0[k], ranks[0]["start"][k]), k
 
 
 def test_compare_plain_vs_residual(tmp_path: Path):
