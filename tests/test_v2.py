@@ -89,6 +89,11 @@ def _classify_probs(web, data: bytes, tta: str, n: int) -> np.ndarray:
     return p
 
 
+def _close_logits(got: np.ndarray, expected: np.ndarray) -> None:
+    """Same file, same runtime, other batch composition: equal to 1e-5 of the logits' scale."""
+    assert np.abs(got - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
+
+
 def _bytes_input(items: list[bytes]):
     t = th.InferInput("image", [len(items)], "BYTES")
     t.set_data_from_numpy(np.array(items, dtype=object))
@@ -160,14 +165,14 @@ def test_tensor_inputs_equal_onnx_runtime(triton, ort_session, manifest, images)
     t = th.InferInput("input", list(x.shape), "FP32")
     t.set_data_from_numpy(x)
     got = triton.infer(MODEL, [t])
-    np.testing.assert_allclose(got.as_numpy("logits"), expected, atol=1e-4, rtol=0)
+    _close_logits(got.as_numpy("logits"), expected)
     e = np.exp(expected - expected.max(axis=1, keepdims=True))
     np.testing.assert_allclose(got.as_numpy("probabilities"), e / e.sum(axis=1, keepdims=True), atol=1e-6)
 
     u = th.InferInput("pixels", list(pixels.shape), "UINT8")
     u.set_data_from_numpy(pixels, binary_data=False)  # JSON data this time
     got = triton.infer(MODEL, [u], outputs=[th.InferRequestedOutput("logits", binary_data=False)])
-    np.testing.assert_allclose(got.as_numpy("logits"), expected, atol=1e-4, rtol=0)
+    _close_logits(got.as_numpy("logits"), expected)
 
 
 def test_json_request_with_base64_image(web, images, labels):
@@ -206,7 +211,7 @@ def test_gzip_request_and_concurrent_mixed_traffic(server, web, images, ort_sess
     finally:
         client.close()
     for logits in v2:
-        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+        _close_logits(logits, expected)
     assert tops == [digits[i % 6][1] for i in range(12)]
 
 
