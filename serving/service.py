@@ -34,6 +34,7 @@ import bentoml
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from core.errors import ResdeployError
 from core.manifest import read_labels, read_manifest
 from core.scores import crop_average, top_k
 from serving import http, v2
@@ -44,9 +45,12 @@ from serving.memory import limit_malloc_arenas
 from serving.metrics import metrics
 
 log = logging.getLogger("serving")
-SETTINGS = Settings.from_env()
-if SETTINGS.artifacts:
-    check_directory(SETTINGS.artifacts)
+try:
+    SETTINGS = Settings.from_env()
+    if SETTINGS.artifacts:
+        check_directory(SETTINGS.artifacts)
+except ResdeployError as e:  # a bad RESDEPLOY_* value: one line naming it and the fix, not a traceback
+    raise SystemExit(f"resdeploy: {e}") from None
 
 
 def _observe(rows: int, requests: int, wait_s: float) -> None:
