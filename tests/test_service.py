@@ -104,7 +104,13 @@ def _torchvision_crops(data: bytes, pre: dict, tta: str) -> np.ndarray:
     if img.format == "JPEG" and min(img.size) >= 4 * r:
         k = 2 * r / min(img.size)
         img.draft(None, (math.ceil(img.size[0] * k - 1e-9), math.ceil(img.size[1] * k - 1e-9)))
-    img = ImageOps.exif_transpose(img).convert("RGB")
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # 16-bit grey: 0..65535 scaled to 0..255, round half up (documented)
+        img = Image.fromarray(((np.asarray(img).astype(np.int64) + 128) // 257).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # alpha onto white (documented)
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    img = img.convert("RGB")
     w, h = img.size
     size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
     if size != (w, h):

@@ -73,7 +73,8 @@ def test_model_pt_is_listed_and_reproduces_the_checkpoint(digits_run: Path, digi
     np.testing.assert_array_equal(got, ref)
     with OnnxRuntimeBackend(verify_file(digits_artifacts, m.find("fp32")), "fp32",
                             providers=["CPUExecutionProvider"]) as ort_b:
-        np.testing.assert_allclose(ort_b.infer(x), got, rtol=0, atol=1e-4)
+        diff = np.abs(ort_b.infer(x) - got).max()  # BN folded vs unfolded: float rounding, relative to the logits
+        assert diff <= 1e-5 * max(1.0, float(np.abs(got).max())), diff
     assert b.model is None and not b.active
 
 
