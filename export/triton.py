@@ -28,8 +28,7 @@ import onnx
 
 from core.errors import ArtifactError, ConfigError
 from core.flavours import FLAVOURS, ONNXRUNTIME, RUNTIME_NAMES, flavour
-from core.fsutil import sha256_file
-from core.manifest import MANIFEST, ArtifactEntry, Manifest, read_labels, read_manifest
+from core.manifest import MANIFEST, ArtifactEntry, FileRef, Manifest, read_labels, read_manifest, verify_file
 from export.install import install
 from export.pbtxt import to_pbtxt
 
@@ -236,35 +235,19 @@ def config_dict(name: str, platform: str, inputs: list[dict], outputs: list[dict
     return config
 
 
-def _copy_verified(directory: Path, file: str, sha256: str, dst: Path) -> Path:
-    """Copy ``directory/file`` to ``dst`` and check the copy against the manifest's sha256."""
-    src = directory / file
-    if Path(file).is_absolute() or ".." in Path(file).parts:
-        raise ArtifactError(f"manifest entry {file!r} points outside the artifact directory")
-    if not src.is_file():
-        raise ArtifactError(f"{src} is listed in the manifest but missing")
-    shutil.copyfile(src, dst)
-    digest = sha256_file(dst)
-    if digest != sha256:
-        raise ArtifactError(f"{src} sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…: the "
-                            "file was changed or truncated; re-export it")
-    return dst
+def _copy_verified(directory: Path, entry: ArtifactEntry, dst: Path) -> Path:
+    """Copy a hash-checked artifact to ``dst`` and check the copy too (what Triton will load)."""
+    shutil.copyfile(verify_file(directory, entry), dst)
+    return verify_file(dst.parent, FileRef(dst.name, entry.sha256))
 
 
-def _external_data(directory: Path, entry: ArtifactEntry, proto: onnx.ModelProto, dst: Path) -> None:
-    """Copy the sidecars an ONNX file's weights live in into ``dst`` under the names it references,
-    each hash-checked against the entry's ``external_data`` list (``{file, sha256}``) in the manifest."""
+def _self_contained(entry: ArtifactEntry, proto: onnx.ModelProto) -> None:
+    """Refuse an ONNX file whose weights live in sidecar files: the manifest hashes only the file
+    itself (resdeploy exports self-contained files), so a sidecar could not be verified."""
     tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
-    locations = {kv.value for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL
-                 for kv in t.external_data if kv.key == "location"}
-    listed = {r["file"]: r["sha256"] for r in entry.extra.get("external_data") or ()}
-    base = Path(entry.file).parent
-    for location in sorted(locations):
-        file = (base / location).as_posix()
-        if Path(location).is_absolute() or ".." in Path(location).parts or file not in listed:
-            raise ArtifactError(f"{entry.file} keeps weights in {location!r}, which the manifest does not list with "
-                                "a sha256; re-export it (resdeploy writes self-contained ONNX files)")
-        _copy_verified(directory, file, listed[file], dst / location)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+        raise ArtifactError(f"{entry.file} keeps weights in external data files, which the manifest does not "
+                            "hash; re-export it (resdeploy writes self-contained ONNX files)")
 
 
 def _build(directory: Path, manifest: Manifest, model: TritonModel, labels: list[str], opts: TritonOptions,
@@ -272,7 +255,7 @@ def _build(directory: Path, manifest: Manifest, model: TritonModel, labels: list
     """Write one model folder under ``where`` and fill in ``model.config`` and ``model.pbtxt``."""
     entry, folder = model.entry, where / model.name
     (folder / VERSION).mkdir(parents=True)
-    copy = _copy_verified(directory, entry.file, entry.sha256, folder / VERSION / model.model_file)
+    copy = _copy_verified(directory, entry, folder / VERSION / model.model_file)
     if entry.kind == "engine":
         inputs, outputs = engine_io(manifest, entry)
         kind = DEVICES["gpu"]
@@ -282,7 +265,7 @@ def _build(directory: Path, manifest: Manifest, model: TritonModel, labels: list
                     f"{entry.extra.get('gpu_name', '?')}: Triton must run that TensorRT version on that GPU model"]
     else:
         proto = onnx.load(str(copy), load_external_data=False)  # the verified copy, without its weights
-        _external_data(directory, entry, proto, copy.parent)
+        _self_contained(entry, proto)
         inputs, outputs = onnx_io(copy, proto)
         kind = DEVICES["cpu" if opts.device == "auto" and entry.precision == "int8-cpu" else opts.device]
         fl = FLAVOURS.get(entry.precision)

@@ -218,35 +218,22 @@ def test_missing_or_non_artifact_directories_are_refused(digits_artifacts, tmp_p
     assert (art / "manifest.json").is_file()
 
 
-def test_external_weights_are_copied_when_the_manifest_lists_them(digits_artifacts, tmp_path):
+def test_external_weights_are_refused(digits_artifacts, tmp_path):
+    """The manifest hashes the .onnx file only, so weights in a sidecar could not be verified."""
     src = digits_artifacts / "model.fp32.onnx"
     art = copy_artifacts(digits_artifacts, tmp_path / "art")
     onnx.save_model(onnx.load(str(src)), str(art / "model.fp32.onnx"), save_as_external_data=True,
                     location="model.fp32.onnx.data")
-    data = art / "model.fp32.onnx.data"
 
-    def listed(raw):
+    def listed(raw):  # a manifest that hashes the rewritten .onnx: only the sidecar is unverifiable
         entry = next(a for a in raw["artifacts"] if a["file"] == "model.fp32.onnx")
-        entry.update(sha256=sha(art / "model.fp32.onnx"), bytes=(art / "model.fp32.onnx").stat().st_size,
-                     external_data=[{"file": data.name, "sha256": sha(data), "bytes": data.stat().st_size}])
+        entry.update(sha256=sha(art / "model.fp32.onnx"), bytes=(art / "model.fp32.onnx").stat().st_size)
 
     art = copy_artifacts(art, tmp_path / "art2", listed)
-    out, _ = write_repository(TritonOptions(art, tmp_path / "repo", precisions=("fp32",)))
-    model = out / "resnet20_digits" / "1"
-    assert sorted(p.name for p in model.iterdir()) == ["model.fp32.onnx.data", "model.onnx"]
-    assert sha(model / "model.fp32.onnx.data") == sha(data)
-    x = np.ones((10, 3, 32, 32), np.float32)
-    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    got = ort.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    np.testing.assert_array_equal(got, want)
-
-    (art / data.name).write_bytes(b"\0" * data.stat().st_size)
-    with pytest.raises(ArtifactError, match="model.fp32.onnx.data sha256"):
-        write_repository(TritonOptions(art, tmp_path / "repo2", precisions=("fp32",)))
-    unlisted = copy_artifacts(art, tmp_path / "art3", lambda raw: raw["artifacts"][0].pop("external_data"))
-    with pytest.raises(ArtifactError, match="does not list"):
-        write_repository(TritonOptions(unlisted, tmp_path / "repo3", precisions=("fp32",)))
-    assert not (tmp_path / "repo2").exists() and not (tmp_path / "repo3").exists()
+    with pytest.raises(ArtifactError, match="model.fp32.onnx keeps weights in external data files"):
+        write_repository(TritonOptions(art, tmp_path / "repo", precisions=("fp32",)))
+    assert not (tmp_path / "repo").exists()
+    assert not list(tmp_path.glob(".repo.tmp-*"))
 
 
 def test_export_writes_the_repository_too(digits_run, tmp_path):
