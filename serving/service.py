@@ -41,6 +41,7 @@ from serving import http, v2
 from serving.batcher import Batcher, Closed, Overloaded, resolve
 from serving.config import Settings
 from serving.engine import LoadedModel, check_directory, load_model, warm_up
+from serving.lifecycle import accepts_before_ready, exit_with_parent
 from serving.memory import limit_malloc_arenas
 from serving.metrics import metrics
 
@@ -103,7 +104,8 @@ async def model(request):
         loaded = svc.loaded()
     except http.HTTPError as e:
         return http.error_response(e)
-    return http.json_response(loaded.summary() | {"backend_info": loaded.backend.describe()})
+    return http.json_response(loaded.summary() | {"backend_info": loaded.backend.describe(),
+                                                  "worker": {"index": svc.worker_index, "pid": os.getpid()}})
 
 
 app = Starlette(routes=[Route("/classify", classify, methods=["POST"]),
@@ -121,13 +123,18 @@ class Classifier:
     Inference Protocol's ``/v2/...`` (serving/v2.py).
 
     The model loads, is hash-verified and warmed up in a background thread; ``/readyz`` is 503
-    until then (``__is_ready__``), and so is every request.
+    until then (``__is_ready__``), and so is every request. With several workers a worker does not
+    accept connections until then (``_accept_when_ready``, serving/lifecycle.py), and every worker
+    leaves on its own when the arbiter dies.
     """
 
     if not SETTINGS.artifacts:
         bento_model = bentoml.models.BentoModel(SETTINGS.bento_model)
 
     def __init__(self) -> None:
+        self.worker_index = getattr(bentoml.server_context, "worker_index", None)  # set in served workers
+        if self.worker_index is not None:  # a worker of `bentoml serve`, not an in-process instance
+            exit_with_parent()
         limit_malloc_arenas()
         self.directory = Path(SETTINGS.artifacts) if SETTINGS.artifacts else Path(self.bento_model.path)
         self.manifest = read_manifest(self.directory)
@@ -142,6 +149,7 @@ class Classifier:
         self.float_batcher: Batcher | None = None  # normalised float32 rows: v2's FP32 input
         self.error: BaseException | None = None
         self.ready = threading.Event()
+        self.settled = threading.Event()  # loaded or failed: either way the worker can answer
         # Half the CPUs decode by default: the model's own threads take the rest (on 2 cores one decode
         # thread served ~8% more than two, docs/design.md#serving).
         self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads or max(1, _cpus() // 2),
@@ -175,10 +183,20 @@ class Classifier:
             self.model_info = {"arch": model.manifest.arch, "precision": model.entry.precision,
                                "backend": model.backend.name, "sha256": model.entry.sha256}
             self.ready.set()
-            log.info("model ready in %.1f s: %s", time.perf_counter() - t0, model.backend.describe())
+            log.info("model ready in %.1f s (worker %s, pid %d): %s", time.perf_counter() - t0, self.worker_index,
+                     os.getpid(), model.backend.describe())
         except BaseException as e:  # surfaced by /readyz staying 503 and by every request
             self.error = e
             log.exception("model failed to load")
+        finally:
+            self.settled.set()
+
+    @bentoml.on_startup
+    async def _accept_when_ready(self) -> None:
+        """BentoML awaits this in the ASGI lifespan start-up, before uvicorn accepts a connection: with
+        several workers, wait for the model (or its failure, which requests then report as 503)."""
+        if not accepts_before_ready(SETTINGS.workers):
+            await asyncio.to_thread(self.settled.wait)
 
     def __is_ready__(self) -> bool:
         return self.ready.is_set()
