@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from core.errors import ConfigError
 from core.flavours import INT8, NUMBER_FORMATS, ONNXRUNTIME, PYTORCH, TENSORRT, for_runtime
+from serving.bento_model import bento_model_tag
 
 BACKENDS = ("auto", TENSORRT, ONNXRUNTIME, PYTORCH)
 
@@ -40,7 +41,8 @@ class Settings:
 
     Attributes:
         artifacts: artifact directory (``RESDEPLOY_ARTIFACTS``); empty = the BentoML model.
-        bento_model: model-store tag used when ``artifacts`` is empty (``RESDEPLOY_BENTO_MODEL``).
+        bento_model: model-store tag used when ``artifacts`` is empty: ``RESDEPLOY_BENTO_MODEL``, else in a
+            built Bento the model it packed, else ``resdeploy-digits:latest`` (serving/bento_model.py).
         backend / precision: engine choice (``RESDEPLOY_BACKEND`` / ``RESDEPLOY_PRECISION``).
         max_batch: adaptive-batching cap in crops, a multiple of 10 (``RESDEPLOY_MAX_BATCH``).
         max_latency_ms: how long a request may wait for the model before a 503 (``RESDEPLOY_MAX_LATENCY_MS``).
@@ -104,9 +106,11 @@ class Settings:
         if timeout_s * 1000 <= max_latency_ms:
             raise ConfigError(f"RESDEPLOY_TIMEOUT_S={timeout_s} must exceed RESDEPLOY_MAX_LATENCY_MS={max_latency_ms} "
                               "(in seconds) so queued requests are answered 503, not cut off")
+        artifacts = os.environ.get("RESDEPLOY_ARTIFACTS", "")
         return cls(
-            artifacts=os.environ.get("RESDEPLOY_ARTIFACTS", ""),
-            bento_model=os.environ.get("RESDEPLOY_BENTO_MODEL", "resdeploy-digits:latest"),
+            artifacts=artifacts,
+            # With RESDEPLOY_ARTIFACTS the model store is not read: no Bento lookup that could fail.
+            bento_model=bento_model_tag(bento=None if artifacts else "detect"),
             backend=backend, precision=precision, max_batch=max_batch,
             max_latency_ms=max_latency_ms,
             max_bytes=_int("RESDEPLOY_MAX_BYTES", 20 * 1024 * 1024, 1024),

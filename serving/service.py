@@ -14,7 +14,8 @@ both ways and a per-call client, ~6 ms of host CPU per digits request on the dev
 server delivered 40-55% of its own in-process pipeline; docs/design.md#serving has the figures.
 
 Model source: ``RESDEPLOY_ARTIFACTS=DIR``, else the BentoML model-store model
-``RESDEPLOY_BENTO_MODEL`` (default ``resdeploy-digits:latest``), referenced at class scope so that
+``RESDEPLOY_BENTO_MODEL`` (default: in a built Bento the model it packed, else
+``resdeploy-digits:latest``; serving/bento_model.py), referenced at class scope so that
 ``bentoml build`` packs it. Hashes are verified before anything is loaded. Settings: serving/config.py.
 """
 

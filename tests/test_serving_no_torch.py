@@ -32,6 +32,7 @@ SERVING_MODULES = [
     "serving.config",
     "serving.engine",
     "serving.http",
+    "serving.bento_model",
 ]
 
 _SCRIPT = r"""

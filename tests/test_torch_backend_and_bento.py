@@ -250,10 +250,8 @@ def test_the_built_bento_serves_the_stored_model(stored: dict, built: dict, tmp_
     images, labels = test.images[:5], test.labels[:5]
     manifest = json.loads((Path(stored["out"]) / "manifest.json").read_text())
     fp32 = next(a for a in manifest["artifacts"] if a["precision"] == "fp32" and a["kind"] == "onnx")
-    # RESDEPLOY_BENTO_MODEL is needed at serve time too: the Bento packs the model but the service
-    # reads the tag from the environment again (default resdeploy-digits:latest; without it this
-    # server never gets ready: the worker fails "Model resdeploy-digits:latest could not be found"
-    # and is restarted over and over, the process does not exit).
+    # RESDEPLOY_BENTO_MODEL, set at serve time, overrides the model the Bento recorded (here it names
+    # the same one); tests/test_bento_model.py serves a Bento without it.
     with _serve_bento(built["tag"], stored["home"], tmp_path, RESDEPLOY_BENTO_MODEL=stored["tag"]) as (url, _), \
             httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
         info = client.get("/model")
