@@ -11,7 +11,9 @@ imports overlap the model's load instead of delaying the first batch.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -24,9 +26,18 @@ from predict.shards import Shard, ShardPlan
 from predict.stats import Progress, RunStats
 
 
-def _ignore_sigint() -> None:
+def _init_decoder(parent: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides (stop, keep finished shards).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed hard (SIGKILL, the OOM killer) shuts nothing down, and a worker waiting for its
+    # next task would wait forever (it holds the task queue's write end itself): leave when it is gone.
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
 
 
 def _ready() -> bool:
@@ -37,7 +48,8 @@ def decode_pool(workers: int) -> ProcessPoolExecutor | None:
     """``workers`` spawned decode processes, started now (None for 0: decode in this process)."""
     if workers == 0:
         return None
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_decoder,
+                               initargs=(os.getpid(),))
     for _ in range(workers):
         pool.submit(_ready)
     return pool

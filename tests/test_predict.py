@@ -8,6 +8,7 @@ same files, and hand-counted rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bentoserver import serve
+from bounds import min_correct
 from conftest import ROOT, run_cli
 from imagetree import BAD, bad_files, hidden, make_tree
 
@@ -63,8 +65,10 @@ def test_one_row_per_file_with_true_classes(predicted, tree, digits_artifacts):
         assert r["topk_indices"][0] == r["top1"] and len(set(r["topk_indices"])) == 5
         assert r["topk_probs"] == sorted(r["topk_probs"], reverse=True) and r["prob"] == r["topk_probs"][0]
         assert 0 < sum(r["topk_probs"]) <= 1 + 1e-9
-    accuracy = sum(r["top1"] == truth[r["path"]] for r in good) / len(good)
-    assert accuracy >= 0.95, accuracy  # the 8-epoch fixture model scores ~98% on these files
+    correct = sum(r["top1"] == truth[r["path"]] for r in good)
+    # The 8-epoch fixture model scores ~98% on these files; the floor holds for any network the suite
+    # accepts, whichever CPU trained it (tests/bounds.py: 923 of 1000).
+    assert correct >= min_correct(len(good)), correct / len(good)
     assert summary["images"] == N + len(BAD) and summary["errors"] == len(BAD)
 
 
@@ -137,6 +141,122 @@ def test_sigint_half_way_then_rerun_completes_without_duplicates(predicted, tree
     for row in rows:
         ref = expected[row["path"]]
         assert (row["top1"], row["error"] is None) == (ref["top1"], ref["error"] is None)
+
+
+# Runs ``resdeploy predict`` exactly as the CLI does, except that writing shard STALL_SHARD stops half
+# way: the first half of its rows is flushed to the shard's temporary file (predict/shards.py writes a
+# shard to ``.part-…​.<pid>.tmp`` and renames it when whole), the file's name is written to the marker
+# file, and the process waits there to be SIGKILLed. This only makes the moment of the kill certain: a
+# shard's temporary file exists for a few milliseconds, too short to hit by polling.
+_STALL_MID_SHARD = """
+import builtins, os, sys, time
+stall_shard, half, marker = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+real_open = builtins.open
+
+
+class Stalling:
+    def __init__(self, f):
+        self.f, self.lines = f, 0
+
+    def write(self, text):
+        n = self.f.write(text)
+        self.lines += 1
+        if self.lines == half:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            with real_open(marker + ".tmp", "w") as m:
+                m.write(self.f.name)
+            os.replace(marker + ".tmp", marker)
+            time.sleep(600)  # SIGKILLed here
+        return n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def stalling_open(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    name = os.path.basename(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else ""
+    if "w" in mode and name.startswith(f".part-{stall_shard:05d}-") and name.endswith(".tmp"):
+        return Stalling(f)
+    return f
+
+
+builtins.open = stalling_open
+from resdeploy.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def test_sigkill_mid_shard_then_rerun_gives_the_uninterrupted_rows(tree, digits_artifacts, tmp_path):
+    """A hard kill (SIGKILL, power loss) skips every cleanup: the shard being written is left as a
+    half-written temporary file. Re-running the same command must redo that shard, not trust it, and
+    the merged file must hold exactly the rows of a run that was never interrupted."""
+    import psutil
+
+    size, stall, shards = 100, 3, -(-(N + len(BAD)) // 100)  # 11 shards; the kill lands in the 4th
+    args = [str(digits_artifacts), str(tree[0]), "--tta", "center", "--shard-size", str(size), "--no-progress"]
+    straight = tmp_path / "straight.jsonl"
+    r = run_cli("predict", *args, "--out", str(straight))
+    assert r.returncode == 0, r.stderr
+
+    out, marker = tmp_path / "p.jsonl", tmp_path / "stalled"
+    cmd = ["predict", *args, "--out", str(out), "--summary-json", str(tmp_path / "summary.json")]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    log = tmp_path / "killed.log"  # a file, not a pipe: a surviving decode process would hold a pipe open
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", _STALL_MID_SHARD, str(stall), str(size // 2), str(marker),
+                                 *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    children, alive = [], []
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "shard 3 was never started"
+            time.sleep(0.02)
+        children = psutil.Process(proc.pid).children(recursive=True)  # the decode processes
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        # Nothing told them, but they leave on their own: a decode process outliving its parent would
+        # hold its memory forever (it waits on a task queue whose write end it holds itself).
+        _, alive = psutil.wait_procs(children, timeout=30)
+    finally:
+        proc.kill()
+        for p in children:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert children and not alive, [p.pid for p in alive]
+
+    parts = out.with_name(out.name + ".parts")
+    temp = Path(marker.read_text())
+    assert temp.parent == parts and temp.name.startswith(f".part-{stall:05d}-of-{shards:05d}.jsonl.")
+    assert temp.exists() and len(temp.read_text().splitlines()) == size // 2  # half a shard, left behind
+    assert _parts(out) == [f"part-{i:05d}-of-{shards:05d}.jsonl" for i in range(stall)]  # 0..2 whole
+    assert not out.exists()
+
+    r = run_cli(*cmd)  # the same command again
+    assert r.returncode == 0, r.stderr
+    assert f"resuming: {stall} of {shards} shards" in r.stderr, r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["images"] == N + len(BAD) - stall * size  # shard 3 redone, the finished ones not
+    # Every row, once, in order, with the same answers. The resumed run batches shard 3's images with other
+    # neighbours; ONNX Runtime's CPU kernels gave bit-identical logits at batch 1, 7 and 40 on the Zen 2
+    # dev box (the files were byte-identical there), but that is a kernel property, not a promise: compare
+    # what the product promises, the rows, with probabilities to float32 rounding.
+    got, want = read_rows(out), read_rows(straight)
+    assert [r["path"] for r in got] == [r["path"] for r in want] and len(got) == N + len(BAD)
+    for g, w in zip(got, want):
+        assert {k: g[k] for k in g if k not in ("prob", "topk_probs")} == \
+            {k: w[k] for k in w if k not in ("prob", "topk_probs")}, (g, w)
+        if w["error"] is None:
+            assert max(abs(a - b) for a, b in zip(g["topk_probs"], w["topk_probs"])) <= 1e-6, (g, w)
+    assert not parts.exists()  # merged: the shards and the stale temporary file are gone
 
 
 def test_formats_hold_the_same_rows(tree, digits_artifacts, tmp_path):
