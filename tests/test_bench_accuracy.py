@@ -95,8 +95,10 @@ def test_metrics_against_the_reference(accuracy_run, digits_run: Path):
             assert x["delta_top1"] == 0 and x["top1_agreement"] == 100 and x["max_logit_diff"] == 0
         if x["backend"] == "onnxruntime" and x["precision"] == "fp32":
             # BN folding changes the arithmetic only at float32 rounding level: relative to the
-            # logits' size (about 19 here; float32 rounding leaves a few 1e-7 of it).
-            assert x["top1_agreement"] == 100 and x["max_logit_diff"] <= 1e-5 * scale, (x, scale)
+            # logits' size (about 19 here; float32 rounding leaves a few 1e-7 of it). That rounding can
+            # decide a near-tie either way on a network trained on another CPU: one image of slack on
+            # agreement; the logit bound is what fails a wrong fold.
+            assert x["top1_agreement"] >= 100 - one_image and x["max_logit_diff"] <= 1e-5 * scale, (x, scale)
         ref = next(y for y in rows if y["backend"] == "pytorch" and y["tta"] == x["tta"])
         assert x["delta_top1"] == pytest.approx(x["top1"] - ref["top1"], abs=1e-3)
 

@@ -162,7 +162,13 @@ def test_eval_on_a_class_tree_matches_the_embedded_split(digits_run: Path, tmp_p
     assert main(["eval", ck, "--dataset", "digits", "--json", str(on_split), "--no-progress"]) == 0
     a, b = json.loads(on_tree.read_text()), json.loads(on_split.read_text())
     assert a["n"] == 360 and a["dataset"] == "digit-photos"
-    assert (a["top1"], a["top5"]) == (b["top1"], b["top5"]) and a["top1"] >= 90.0
+    # The same pixels and network, but the tree is read in class order, so the batches hold other
+    # images: a kernel that rounds by batch could decide a near-tie the other way. One image of slack;
+    # a misread folder moves a whole class (about 36 images). The floor: the fixture's 95% on these
+    # very images (tests/test_training.py) less 18 images, about min_correct(360) (tests/bounds.py).
+    one_image = 100 / 360 + 1e-6
+    assert (a["top1"], a["top5"]) == (pytest.approx(b["top1"], abs=one_image), pytest.approx(b["top5"], abs=one_image))
+    assert a["top1"] >= 90.0
     assert a["preprocess"] == b["preprocess"]  # the checkpoint's own, not the ImageNet default
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bounds import min_correct
 from conftest import run_cli
 from PIL import Image
 
@@ -75,19 +76,23 @@ def test_eval_multiscale_cli_matches_an_independent_computation(digits_run: Path
 
     labels = digits_test.labels[:LIMIT]
     per_scale = np.stack([_per_scale_probs(model, digits_test.images[i], pre.mean, pre.std) for i in range(LIMIT)])
-    # The network and labels are sound: its native single view (scale 32, the whole image) is ~97%.
-    assert 100.0 * (per_scale[:, 0].argmax(1) == labels).mean() >= 90.0
+    # The network and labels are sound: its native single view (scale 32, the whole image) is ~97%; the
+    # floor is the one for any network the suite accepts (tests/bounds.py: 23 of 30), not for this one.
+    assert (per_scale[:, 0].argmax(1) == labels).sum() >= min_correct(LIMIT)
     # No floor on the multi-scale figure itself: this net only ever saw 32x32 digits (no scale
     # augmentation, unlike the paper's ImageNet nets), and from 55 px up it calls every digit a 1,
     # so the scale average scores ~7% (issue #14's report). What is checked is that the CLI counts
-    # exactly the images counted here against the true labels: same images, network and scales.
+    # the images counted here against the true labels: same images, network and scales. The two float32
+    # computations round differently (~1e-7 on a probability, test below), which can decide a near-tie
+    # either way: one image of slack, far less than a wrong image set, scale set or label map moves it.
     probs = per_scale.mean(axis=1)
     top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
     ours1 = 100.0 * float((top5[:, 0] == labels).mean())
     ours5 = 100.0 * float((top5 == labels[:, None]).any(1).mean())
-    assert (res["top1"], res["top5"]) == (pytest.approx(ours1, abs=1e-3), pytest.approx(ours5, abs=1e-3)), \
-        (res, ours1, ours5)
-    assert res["top1_error"] == pytest.approx(100 - ours1, abs=1e-3)
+    one_image = 100.0 / LIMIT + 1e-6
+    assert res["top1"] == pytest.approx(ours1, abs=one_image), (res, ours1)
+    assert res["top5"] == pytest.approx(ours5, abs=one_image), (res, ours5)
+    assert res["top1_error"] == pytest.approx(100 - res["top1"], abs=1e-3)
 
 def test_multiscale_probabilities_of_one_image(checkpoint, digits_test):
     """The per-image probabilities behind the CLI (training.evaluate.predict_probs, multiscale) for one

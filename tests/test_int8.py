@@ -143,7 +143,10 @@ def test_bare_state_dict_exports_with_only_a_flat_folder_of_images(digits_run: P
     photos = tmp_path / "photos"
     photos.mkdir()
     test = load_dataset("digits").test
-    for i in range(40):  # real scans, as a user's folder of PNGs
+    # Real scans, as a user's folder of PNGs: all 360 test images. The gate's 98% agreement is then the
+    # budget the fixture's own export met on these images (7 may disagree); on 40 it allowed none, a
+    # bound tighter than one image for a network trained on another CPU (tests/bounds.py).
+    for i in range(len(test)):
         Image.fromarray(test.images[i]).save(photos / f"scan{i:03d}.png")
     pre = ck["preprocess"]
     fmt = lambda v: ",".join(str(x) for x in v)  # noqa: E731
@@ -153,7 +156,7 @@ def test_bare_state_dict_exports_with_only_a_flat_folder_of_images(digits_run: P
                  "--mean", fmt(pre["mean"]), "--std", fmt(pre["std"]), "--no-progress"])
     assert code == 0
     m = read_manifest(out)
-    assert m.eval["labelled"] is False and m.eval["images"] == 40 and m.calibration.extra["images"] == 40
+    assert m.eval["labelled"] is False and m.eval["images"] == 360 and m.calibration.extra["images"] == 128
     rows = {a.precision: a.to_dict() for a in m.entries("onnx")}
     assert rows["fp32"]["top1"] is None and rows["fp32"]["top1_agreement"] == 100.0
     assert rows["int8-cpu"]["within_budget"] and rows["int8-cpu"]["top1_agreement"] >= 98

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from bounds import min_correct
 from conftest import run_cli
 from imagetree import BAD, bad_files, make_tree
 
@@ -42,7 +43,8 @@ def test_ray_engine_rows_equal_the_local_engine(digits_artifacts, tmp_path):
         if a["error"] is None:
             assert max(abs(x - y) for x, y in zip(a["topk_probs"], b["topk_probs"])) <= 1e-5
     assert sum(r["error"] is not None for r in ray) == len(BAD)
-    assert sum(r["top1"] == truth.get(r["path"]) for r in ray) / len(truth) >= 0.95
+    # A floor for any network the suite accepts (tests/bounds.py: 214 of 240), whichever CPU trained it.
+    assert sum(r["top1"] == truth.get(r["path"]) for r in ray) >= min_correct(len(truth))
 
 
 def test_an_actor_pool_that_takes_every_cpu_is_refused(digits_artifacts, tmp_path):

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from bounds import min_correct
 from conftest import ROOT
 
 from backends.onnxruntime import OnnxRuntimeBackend
@@ -247,7 +248,7 @@ def test_the_built_bento_serves_the_stored_model(stored: dict, built: dict, tmp_
     from training.data import load_dataset
 
     test = load_dataset("digits").test
-    images, labels = test.images[:5], test.labels[:5]
+    images, labels = test.images[:12], test.labels[:12]
     manifest = json.loads((Path(stored["out"]) / "manifest.json").read_text())
     fp32 = next(a for a in manifest["artifacts"] if a["precision"] == "fp32" and a["kind"] == "onnx")
     # RESDEPLOY_BENTO_MODEL, set at serve time, overrides the model the Bento recorded (here it names
@@ -270,6 +271,8 @@ def test_the_built_bento_serves_the_stored_model(stored: dict, built: dict, tmp_
         {k: info[k] for k in ("file", "backend", "precision")}
     assert info["sha256"] == fp32["sha256"] == sha256_file(Path(stored["out"]) / "model.fp32.onnx")
     got = [a["top1"]["index"] for a in answers]
-    # The 8-epoch digits net is ~98% top-1: at most one of five real test digits may be missed.
-    assert sum(int(g == t) for g, t in zip(got, labels)) >= 4, (got, labels.tolist())
+    # The 8-epoch digits net is ~98% top-1, but which digits it misses depends on the CPU that trained
+    # it: the floor holds for any network the suite accepts (tests/bounds.py: 7 of 12), and a wrong
+    # model or label map (~10%) stays below it.
+    assert sum(int(g == t) for g, t in zip(got, labels)) >= min_correct(len(labels)), (got, labels.tolist())
     assert all(a["model"]["sha256"] == fp32["sha256"] for a in answers)

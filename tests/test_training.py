@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import DIGITS_MIN_TOP1
 from conftest import ROOT, run_cli
 
 from training.checkpoint import read_checkpoint
@@ -21,7 +22,12 @@ from training.train import TrainConfig
 
 def test_digits_resnet20_reaches_95_percent(digits_run: Path):
     metrics = json.loads((digits_run / "metrics.json").read_text())
-    assert metrics["best_test_top1"] >= 95.0, metrics["best_test_top1"]
+    # The floor every other accuracy floor of the suite derives from (tests/bounds.py). Eight seeds on
+    # one CPU, a wider spread than the rounding differences between CPUs, gave 97.5-98.6%, i.e. 5 to 9
+    # of the 360 test images wrong; 95% allows 18. With errors ~ Binomial(360, 2%) the chance of 19 or
+    # more is 1.5e-4, while a training loop that does not learn (lr frozen, labels shuffled) stays
+    # near 10%.
+    assert metrics["best_test_top1"] >= DIGITS_MIN_TOP1, metrics["best_test_top1"]
     assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, 9))
     # the paper's schedule: lr/10 at 50% and 75% of the epochs
     assert [e["lr"] for e in metrics["epochs"]] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
