@@ -11,9 +11,7 @@ imports overlap the model's load instead of delaying the first batch.
 
 from __future__ import annotations
 
-import os
 import signal
-import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -21,23 +19,18 @@ from multiprocessing import get_context
 
 import numpy as np
 
+from core.parent import exit_with_parent
 from predict.rows import DecodeSpec, decode_many, result_row
 from predict.shards import Shard, ShardPlan
 from predict.stats import Progress, RunStats
 
 
-def _init_decoder(parent: int) -> None:
+def _init_decoder() -> None:
     # Ctrl-C reaches the whole process group; the parent decides (stop, keep finished shards).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A parent killed hard (SIGKILL, the OOM killer) shuts nothing down, and a worker waiting for its
     # next task would wait forever (it holds the task queue's write end itself): leave when it is gone.
-    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
-
-
-def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
-    while os.getppid() == parent:
-        time.sleep(poll_s)
-    os._exit(1)
+    exit_with_parent(kernel_signal=False)  # the pool may spawn from a passing thread
 
 
 def _ready() -> bool:
@@ -48,8 +41,7 @@ def decode_pool(workers: int) -> ProcessPoolExecutor | None:
     """``workers`` spawned decode processes, started now (None for 0: decode in this process)."""
     if workers == 0:
         return None
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_decoder,
-                               initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_decoder)
     for _ in range(workers):
         pool.submit(_ready)
     return pool
