@@ -266,8 +266,14 @@ def kill_arbiter(server: Server, timeout: float = 30.0) -> dict:
     server.proc.wait(timeout=10)
     t0 = time.monotonic()
     alive = set(workers)
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # also when it exits between two calls
+            return False
+
     while alive and time.monotonic() - t0 < timeout:
-        alive = {p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        alive = {p for p in alive if running(p)}
         time.sleep(POLL_S)
     gone_s = time.monotonic() - t0 if not alive else None
     return {"workers": server.workers, "worker_pids": len(workers), "survivors": len(alive),

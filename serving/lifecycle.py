@@ -16,9 +16,6 @@ circus puts each worker in a session of its own. Two gaps follow (issue #22, doc
 
 from __future__ import annotations
 
-from core.parent import GRACE_S, POLL_S, exit_with_parent
-
-__all__ = ["GRACE_S", "POLL_S", "accepts_before_ready", "exit_with_parent"]
 
 
 def accepts_before_ready(workers: int) -> bool:

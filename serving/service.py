@@ -36,13 +36,14 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from core.errors import ResdeployError
+from core.parent import exit_with_parent
 from core.manifest import read_labels, read_manifest
 from core.scores import crop_average, top_k
 from serving import http, v2
 from serving.batcher import Batcher, Closed, Overloaded, resolve
 from serving.config import Settings
 from serving.engine import LoadedModel, check_directory, load_model, warm_up
-from serving.lifecycle import accepts_before_ready, exit_with_parent
+from serving.lifecycle import accepts_before_ready
 from serving.memory import limit_malloc_arenas
 from serving.metrics import metrics
 

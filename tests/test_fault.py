@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from bench.fault import Load, Server, bodies_and_answers, encode_get, kill_arbiter, kill_worker, real_images, request
-from serving.lifecycle import GRACE_S, POLL_S
+from core.parent import GRACE_S, POLL_S
 
 CLIENTS = 8
 READY_BOUND_S = 90  # a fresh worker imports BentoML and loads the model: ~10 s idle, more on 2 busy cores
-LEAVE_BOUND_S = GRACE_S + POLL_S + 5  # serving/lifecycle.py's promise, plus scheduling slack
+LEAVE_BOUND_S = GRACE_S + POLL_S + 5  # core/parent.py's promise, plus scheduling slack
 # A warm-up of ~3 s on 2 cores: a replacement that accepted before its model was ready would answer
 # some of the 8 clients' requests 503 in that window (seen: 0-2 503s per kill with the default warm-up,
 # too short a window to catch the bug every time).
